@@ -1,0 +1,84 @@
+"""Checkpoints: one dict of plain data and tensors, written atomically, read with weights_only."""
+import os
+import pickle
+import tempfile
+import zipfile
+
+import torch
+
+from model import RNNModel
+
+FORMAT = 'word_language_model/1'
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used, worded for the user."""
+
+
+def save(obj, path):
+    """torch.save to a temporary file beside path, then rename it over path.
+
+    A crash or Ctrl-C during the write leaves the previous file at path intact.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load(path):
+    """The checkpoint dict at path, on the CPU; a CheckpointError says why it cannot be used."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f'checkpoint {path} does not exist.')
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        if 'weights only' in str(e).lower():
+            raise CheckpointError(
+                f'{path} holds Python objects other than tensors and plain data; it was refused because '
+                f'loading it could run code (checkpoints of the original example pickled the whole model).') from None
+        raise CheckpointError(f'{path} is corrupt or not a PyTorch checkpoint.') from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError):
+        raise CheckpointError(f'{path} is truncated, corrupt or not a PyTorch checkpoint.') from None
+    if not isinstance(ckpt, dict) or ckpt.get('format') != FORMAT:
+        raise CheckpointError(f'{path} is not a checkpoint written by this example.')
+    return ckpt
+
+
+def model_args(model):
+    return dict(rnn_type=model.rnn_type, ntoken=model.encoder.num_embeddings, ninp=model.encoder.embedding_dim,
+                nhid=model.nhid, nlayers=model.nlayers, dropout=model.drop.p,
+                tie_weights=model.decoder.weight is model.encoder.weight)
+
+
+def model_checkpoint(model, dictionary, args, best_val_loss):
+    """The best-model file: weights, how to rebuild the model, vocabulary, flags, validation loss."""
+    return {
+        'format': FORMAT,
+        'model_args': model_args(model),
+        'model': model.state_dict(),
+        'vocab': {'idx2word': list(dictionary.idx2word), 'padding': list(dictionary.padding)},
+        'args': vars(args),
+        'best_val_loss': best_val_loss,
+    }
+
+
+def load_model(path):
+    """(fp32 RNNModel on the CPU, idx2word, padding indices) from a best-model checkpoint."""
+    ckpt = load(path)
+    try:
+        model = RNNModel(**ckpt['model_args'])
+        model.load_state_dict({k: v.float() for k, v in ckpt['model'].items()})
+        vocab = ckpt['vocab']
+        if len(vocab['idx2word']) != model.encoder.num_embeddings:
+            raise ValueError('vocabulary size does not match the model')
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f'{path} is damaged or incompatible: {str(e).splitlines()[0]}') from None
+    return model, vocab['idx2word'], vocab['padding']
