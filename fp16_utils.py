@@ -4,10 +4,12 @@ Written for this project from apex's documented behaviour, so that code written
 against apex's API runs unchanged. The master-weight bookkeeping lives here once
 and is used both by FP16_Optimizer and by main.py's manual recipe.
 
-Unlike apex, overflow is checked and the grads unscaled for all master grads in
-one fused kernel with a single device-to-host sync per step, and grads and weights
-move between model and masters with foreach copies.
+Unlike apex, which synced with the host once per parameter to look for inf/NaN,
+overflow is found from the total gradient norm with one sync per step, and the
+fp16 grads are widened and unscaled into the master grads in a single pass.
 """
+import math
+
 import torch
 import torch.nn as nn
 from torch._utils import _flatten_dense_tensors
@@ -65,21 +67,32 @@ def prep_param_lists(model, flat_master=False):
     return model_params, master_params
 
 
-def model_grads_to_master_grads(model_params, master_params, flat_master=False):
-    """Copy (and widen) the model's grads into the masters' grads."""
+def model_grads_to_master_grads(model_params, master_params, flat_master=False, loss_scale=1.0):
+    """Copy (and widen) the model's grads into the masters' grads, divided by loss_scale.
+
+    loss_scale is this project's addition to apex's signature: the division happens
+    in the same pass as the copy (fp16 grad read, fp32 grad written), computed in fp32.
+    """
     if flat_master:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model_params]
         master_params[0].grad.copy_(_flatten_dense_tensors(grads))
+        if loss_scale != 1.0:
+            master_params[0].grad.mul_(1.0 / loss_scale)
         return
-    pairs = [(m, p.grad) for m, p in zip(master_params, model_params)]
-    for master, grad in pairs:
-        if grad is None:
+    # A one-element fp32 tensor (not 0-dim) makes fp16 * it compute and store in fp32.
+    inv_scale = None
+    for master, param in zip(master_params, model_params):
+        if param.grad is None:
             master.grad = None
-        elif master.grad is None:
+            continue
+        if master.grad is None:
             master.grad = torch.empty_like(master)
-    pairs = [(m.grad, g) for m, g in pairs if g is not None]
-    if pairs:
-        torch._foreach_copy_([m for m, _ in pairs], [g for _, g in pairs])
+        if loss_scale == 1.0:
+            master.grad.copy_(param.grad)
+        else:
+            if inv_scale is None:
+                inv_scale = torch.full((1,), 1.0 / loss_scale, device=master.device)
+            torch.mul(param.grad, inv_scale, out=master.grad)
 
 
 def master_params_to_model_params(model_params, master_params, flat_master=False):
@@ -92,19 +105,18 @@ def master_params_to_model_params(model_params, master_params, flat_master=False
         torch._foreach_copy_([p for p in model_params], sources)
 
 
-def unscale_master_grads(master_params, loss_scale):
-    """Divide all master grads by loss_scale in place; True if any is inf or NaN.
+def grad_norm(params):
+    """The total 2-norm of the params' grads, accumulated in fp32, as a Python float.
 
-    One fused kernel checks and unscales every grad and one .item() brings the
-    verdict to the host: the only sync of a step.
+    inf or NaN when any grad holds inf or NaN, so it doubles as the overflow check.
+    It reads each grad once (fp16 grads at half the bytes of fp32 masters) and its
+    .item() is the only device-to-host sync of an fp16 step.
     """
-    grads = [p.grad for p in master_params if p.grad is not None]
+    grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return False
-    found_inf = torch.zeros(1, device=grads[0].device)
-    inv_scale = torch.full((1,), 1.0 / loss_scale, device=grads[0].device)
-    torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)
-    return bool(found_inf.item())
+        return 0.0
+    norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+    return torch.linalg.vector_norm(torch.stack(norms)).item()
 
 
 # ---------------------------------------------------------------- loss scalers
@@ -255,9 +267,15 @@ class FP16_Optimizer:
             self.update_master_grads()
 
     def update_master_grads(self):
-        """Copy the fp16 grads into the masters, unscale all master grads, note overflow."""
-        model_grads_to_master_grads(self._fp16_params(), self._fp32_from_fp16())
-        self.overflow = unscale_master_grads(self._master_params(), self.loss_scale)
+        """Check the model's grads for overflow; if none, copy them into the masters, unscaled."""
+        fp32_params = [p for g in self.fp32_from_fp32_groups for p in g]
+        self.overflow = not math.isfinite(grad_norm(self._fp16_params() + fp32_params))
+        if self.overflow:
+            return
+        model_grads_to_master_grads(self._fp16_params(), self._fp32_from_fp16(), loss_scale=self.loss_scale)
+        fp32_grads = [p.grad for p in fp32_params if p.grad is not None]
+        if fp32_grads and self.loss_scale != 1.0:
+            torch._foreach_mul_(fp32_grads, 1.0 / self.loss_scale)
 
     def clip_master_grads(self, max_norm, norm_type=2):
         """Clip the master grads' total norm to max_norm; return the norm, or -1 on overflow."""

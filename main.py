@@ -2,20 +2,20 @@
 
 The manual recipe, one update:
 
-    fp16 model --forward/backward of (loss * scale)--> fp16 grads
-        --copy, widen--> fp32 master grads --/ scale--> [inf/NaN? skip the update]
-        --clip--> SGD on fp32 master weights --copy, round--> fp16 model
+    fp16 model --forward/backward of (loss * scale)--> fp16 grads --norm--> [inf/NaN? skip]
+        --copy, widen, / scale--> fp32 master grads --clip--> SGD on fp32 master weights
+        --copy, round--> fp16 model
 
 fp32 masters keep small updates (lr * grad) that fp16 weights would round away;
 the loss scale lifts small gradients above fp16's underflow threshold.
 """
 import contextlib
+import math
 
 import torch
 
 import training
-from fp16_utils import (master_params_to_model_params, model_grads_to_master_grads, prep_param_lists,
-                        unscale_master_grads)
+from fp16_utils import grad_norm, master_params_to_model_params, model_grads_to_master_grads, prep_param_lists
 
 
 class ManualFP16Step:
@@ -36,17 +36,38 @@ class ManualFP16Step:
 
     def step(self, loss):
         (loss * self.loss_scale).backward()
-        model_grads_to_master_grads(self.model_params, self.master_params)
-        for p in self.model_params:
-            p.grad = None
-        if unscale_master_grads(self.master_params, self.loss_scale):
+        # The norm of the scaled fp16 grads: inf/NaN means overflow; else it gives the clip factor.
+        norm = grad_norm(self.model_params) / self.loss_scale
+        if not math.isfinite(norm):
+            self.zero_model_grads()
             training.report_skip(self)
             return False
-        torch.nn.utils.clip_grad_norm_(self.master_params, self.clip, foreach=True)
+        model_grads_to_master_grads(self.model_params, self.master_params, loss_scale=self.loss_scale)
+        self.zero_model_grads()
+        master_grads = [p.grad for p in self.master_params]
+        clip_coef = self.clip / (norm + 1e-6)
         with torch.no_grad():
-            torch._foreach_add_(self.master_params, [p.grad for p in self.master_params], alpha=-self.lr)
+            if clip_coef < 1:
+                torch._foreach_mul_(master_grads, clip_coef)
+            torch._foreach_add_(self.master_params, master_grads, alpha=-self.lr)
         master_params_to_model_params(self.model_params, self.master_params)
         return True
+
+    def state_dict(self):
+        return {'recipe': self.describe(), 'masters': [p.detach().clone() for p in self.master_params],
+                'lr': self.lr, 'skipped': self.skipped}
+
+    def load_state_dict(self, state):
+        if [m.shape for m in state['masters']] != [p.shape for p in self.master_params]:
+            raise ValueError('the saved master weights have other shapes')
+        with torch.no_grad():
+            torch._foreach_copy_(self.master_params, state['masters'])
+        master_params_to_model_params(self.model_params, self.master_params)
+        self.lr, self.skipped = state['lr'], state['skipped']
+
+    def zero_model_grads(self):
+        for p in self.model_params:
+            p.grad = None
 
 
 if __name__ == '__main__':
