@@ -100,7 +100,6 @@ def download_wikitext2(path, url=WIKITEXT2_URL):
     missing = [s for s in SPLITS if not os.path.exists(os.path.join(path, f'{s}.txt'))]
     if not missing:
         return
-    os.makedirs(path, exist_ok=True)
     for split in missing:
         dest = os.path.join(path, f'{split}.txt')
         source = url.format(split=split)
@@ -115,6 +114,7 @@ def download_wikitext2(path, url=WIKITEXT2_URL):
         digest = hashlib.sha256(payload).hexdigest()
         if digest != WIKITEXT2_SHA256[split]:
             raise DataError(f'downloaded {source} has SHA-256 {digest}, expected {WIKITEXT2_SHA256[split]}; nothing was written.')
+        os.makedirs(path, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path, prefix=f'.{split}.', suffix='.part')
         with os.fdopen(fd, 'wb') as f:
             f.write(payload)

@@ -19,7 +19,9 @@ from torch._utils import _flatten_dense_tensors
 
 def to_python_float(t):
     """A Python float from a one-element tensor (or a number)."""
-    return t.item() if hasattr(t, 'item') else float(t[0])
+    if hasattr(t, 'item'):
+        return t.item()
+    return float(t) if isinstance(t, (int, float)) else float(t[0])
 
 
 class tofp16(nn.Module):
@@ -30,7 +32,7 @@ class tofp16(nn.Module):
 
 
 def BN_convert_float(module):
-    """Put batch-norm layers (whose running statistics need fp32) back into fp32."""
+    """Put affine batch-norm layers back into fp32 (as apex did), so their statistics and weights keep fp32 precision."""
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
         module.float()
     for child in module.children():

@@ -65,4 +65,6 @@ with os.fdopen(fd, 'w', encoding='utf-8') as outf, torch.no_grad():
         outf.write(idx2word[word_id] + ('\n' if i % 20 == 19 else ' '))
         if (i + 1) % args.log_interval == 0:
             print(f'| Generated {i + 1}/{args.words} words', flush=True)
+    if args.words % 20:
+        outf.write('\n')
 os.replace(tmp, args.outf)

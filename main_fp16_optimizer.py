@@ -10,7 +10,6 @@ FP16_Optimizer's job. The loop calls, for each batch:
 With --dynamic-loss-scale the scale starts high, halves on every overflow and
 doubles again after 1000 clean steps.
 """
-import torch
 
 import training
 

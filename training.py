@@ -12,7 +12,6 @@ An update step has:
     state_dict() / load_state_dict()   what a resumed run needs (masters, optimizer, scaler)
 """
 import argparse
-import contextlib
 import math
 import os
 import signal
