@@ -4,12 +4,16 @@ Each load runs in a fresh process (cold: nothing cached in Python), alternating
 the two, and the OS page cache is dropped first where that is allowed.
 
     python benchmark_corpus.py --data ./data/wikitext-2 --repeats 3
+    python benchmark_corpus.py --data ./data/wikitext-2 --scale 50   # train.txt 50 times over: ~100M tokens
 """
 import argparse
 import json
 import os
+import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -65,10 +69,26 @@ if __name__ == '__main__':
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--data', default=data.DEFAULT_DATA)
     parser.add_argument('--repeats', type=int, default=3)
+    parser.add_argument('--scale', type=int, default=0,
+                        help='only time Corpus on a copy whose train.txt is the original repeated N times')
     parser.add_argument('--one', choices=['corpus', 'per-element'], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(load_once(args.one, args.data)))
+        sys.exit(0)
+    if args.scale:
+        with tempfile.TemporaryDirectory() as big:
+            with open(os.path.join(big, 'train.txt'), 'wb') as out:
+                for _ in range(args.scale):
+                    with open(os.path.join(args.data, 'train.txt'), 'rb') as f:
+                        shutil.copyfileobj(f, out)
+            for split in ('valid', 'test'):
+                shutil.copy(os.path.join(args.data, f'{split}.txt'), big)
+            drop_page_cache()
+            result = load_once('corpus', big)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        print(f'| Corpus on train.txt x{args.scale}: {result["seconds"]:.1f} s for {sum(result["sizes"][:3]):,} tokens, '
+              f'{result["sizes"][3]} words, peak RSS {peak:.2f} GiB')
         sys.exit(0)
     results = {'corpus': [], 'per-element': []}
     for r in range(args.repeats):

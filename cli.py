@@ -12,7 +12,7 @@ def fail(message, code=1):
 
 
 def add_device_flags(parser):
-    parser.add_argument('--cuda', action='store_true', help='use CUDA')
+    parser.add_argument('--cuda', action='store_true', help='run on the CUDA device')
     parser.add_argument('--accel', action='store_true',
                         help='use the accelerator torch.accelerator finds (CUDA, MPS, XPU, ...)')
 

@@ -5,40 +5,38 @@ vocabulary up to a multiple of 8) are never sampled.
 """
 import argparse
 import os
-import sys
 import tempfile
 
 import torch
 
 import checkpoint
+from cli import add_device_flags, fail, select_device
 
 parser = argparse.ArgumentParser(description='Generate text with a trained word-level language model')
 parser.add_argument('--data', type=str, default='./data/wikitext-2',
                     help='accepted for the seed\'s command lines; unused, the vocabulary comes from the checkpoint')
-parser.add_argument('--checkpoint', type=str, default='./model.pt', help='model checkpoint to use')
-parser.add_argument('--outf', type=str, default='generated.txt', help='output file for generated text')
-parser.add_argument('--words', type=int, default=1000, help='number of words to generate')
-parser.add_argument('--seed', type=int, default=1111, help='random seed')
-parser.add_argument('--cuda', action='store_true', help='use CUDA')
-parser.add_argument('--temperature', type=float, default=1.0, help='temperature - higher will increase diversity')
-parser.add_argument('--log-interval', type=int, default=100, help='reporting interval')
+parser.add_argument('--checkpoint', type=str, default='./model.pt', help='checkpoint written by a training script')
+parser.add_argument('--outf', type=str, default='generated.txt', help='file the sampled words are written to')
+parser.add_argument('--words', type=int, default=1000, help='how many words to sample')
+parser.add_argument('--seed', type=int, default=1111, help='seed for sampling')
+parser.add_argument('--temperature', type=float, default=1.0, help='divide the logits by this before sampling: above 1 gives more varied text, below 1 safer text')
+parser.add_argument('--log-interval', type=int, default=100, help='print progress every N words')
+add_device_flags(parser)
 args = parser.parse_args()
-
-
-def fail(message, code=1):
-    print(f'{os.path.basename(sys.argv[0])}: error: {message}', file=sys.stderr)
-    sys.exit(code)
-
 
 if args.temperature < 1e-3:
     fail(f'--temperature must be at least 1e-3 (got {args.temperature:g}).', 2)
 if args.words < 0:
     fail(f'--words must be 0 or more (got {args.words}).', 2)
-if args.cuda and not torch.cuda.is_available():
-    fail('--cuda was given but no CUDA device is available.')
+if args.log_interval < 1:
+    fail(f'--log-interval must be at least 1 (got {args.log_interval}).', 2)
+if os.path.isdir(args.outf):
+    fail(f'--outf {args.outf} is a directory; give a file name.', 2)
 if not os.path.isdir(os.path.dirname(os.path.abspath(args.outf))):
     fail(f'--outf {args.outf}: the directory does not exist.', 2)
-device = torch.device('cuda' if args.cuda else 'cpu')
+if not os.path.isfile(args.checkpoint):
+    fail(f'--checkpoint {args.checkpoint}: no such file.', 2)
+device = select_device(args)
 torch.manual_seed(args.seed)
 
 try:

@@ -61,6 +61,8 @@ if __name__ == '__main__':
     parser.add_argument('--dynamic-loss-scale', action='store_true',
                         help='use a dynamic loss scale (supersedes --static-loss-scale)')
     args = parser.parse_args()
+    if args.dynamic_loss_scale and not args.fp16:
+        print('Warning: --dynamic-loss-scale only applies with --fp16; ignoring it')
     run = training.Run(args)
     stepper = FP16OptimizerStep(run.model, args) if args.fp16 else training.SGDStep(run.model, args)
     training.train(run, stepper)

@@ -32,23 +32,23 @@ EVAL_BATCH_SIZE = 10
 def build_parser(description):
     p = argparse.ArgumentParser(description=description)
     p.add_argument('--data', type=str, default=data.DEFAULT_DATA,
-                   help='location of the data corpus (train.txt, valid.txt, test.txt); '
+                   help='directory holding train.txt, valid.txt and test.txt; '
                         'WikiText-2 is downloaded there if it is the default and missing')
-    p.add_argument('--model', type=str, default='LSTM', help=f'type of recurrent net ({", ".join(RNN_TYPES)})')
-    p.add_argument('--emsize', type=int, default=1504, help='size of word embeddings')
-    p.add_argument('--nhid', type=int, default=1504, help='number of hidden units per layer')
-    p.add_argument('--nlayers', type=int, default=2, help='number of layers')
-    p.add_argument('--lr', type=float, default=20, help='initial learning rate')
-    p.add_argument('--clip', type=float, default=0.25, help='gradient clipping (max total norm)')
-    p.add_argument('--epochs', type=int, default=40, help='upper epoch limit')
-    p.add_argument('--batch_size', type=int, default=24, metavar='N', help='batch size')
-    p.add_argument('--bptt', type=int, default=35, help='sequence length')
-    p.add_argument('--dropout', type=float, default=0.65, help='dropout applied to layers (0 = no dropout)')
-    p.add_argument('--tied', action='store_true', help='tie the word embedding and softmax weights')
-    p.add_argument('--seed', type=int, default=1111, help='random seed')
+    p.add_argument('--model', type=str, default='LSTM', help=f'recurrent layer type: {", ".join(RNN_TYPES)}')
+    p.add_argument('--emsize', type=int, default=1504, help='word embedding width')
+    p.add_argument('--nhid', type=int, default=1504, help='hidden state width of each RNN layer')
+    p.add_argument('--nlayers', type=int, default=2, help='how many RNN layers are stacked')
+    p.add_argument('--lr', type=float, default=20, help='learning rate to start from (divided by 4 whenever validation stops improving)')
+    p.add_argument('--clip', type=float, default=0.25, help='clip the total gradient norm to this value')
+    p.add_argument('--epochs', type=int, default=40, help='how many epochs to train at most')
+    p.add_argument('--batch_size', type=int, default=24, metavar='N', help='columns the training text is cut into (the batch dimension)')
+    p.add_argument('--bptt', type=int, default=35, help='steps of truncated backpropagation through time per batch')
+    p.add_argument('--dropout', type=float, default=0.65, help='dropout probability after the embedding, between layers and before the decoder')
+    p.add_argument('--tied', action='store_true', help='share one matrix between the embedding and the decoder (needs emsize == nhid)')
+    p.add_argument('--seed', type=int, default=1111, help='seed for torch\'s random number generators')
     add_device_flags(p)
-    p.add_argument('--log-interval', type=int, default=200, metavar='N', help='report interval')
-    p.add_argument('--save', type=str, default='model.pt', help='path to save the final model')
+    p.add_argument('--log-interval', type=int, default=200, metavar='N', help='print a progress line every N batches')
+    p.add_argument('--save', type=str, default='model.pt', help='where the best model (by validation loss) is written')
     precision = p.add_mutually_exclusive_group()
     precision.add_argument('--fp16', action='store_true',
                            help='train an fp16 model with fp32 master weights and a loss scale')
@@ -125,11 +125,8 @@ class Run:
         self.batch_starts = range(0, self.train_data.size(0) - 1, args.bptt)  # first row of each batch
         self.val_data = data.batchify(self.corpus.valid, EVAL_BATCH_SIZE).to(self.device)
         self.test_data = data.batchify(self.corpus.test, EVAL_BATCH_SIZE).to(self.device)
-        try:
-            self.model = RNNModel(args.model, self.ntokens, args.emsize, args.nhid, args.nlayers,
-                                  args.dropout, args.tied).to(self.device)
-        except ValueError as e:
-            fail(str(e), 2)
+        self.model = RNNModel(args.model, self.ntokens, args.emsize, args.nhid, args.nlayers,
+                              args.dropout, args.tied).to(self.device)
         if args.fp16:
             if self.ntokens % 8:
                 print(f'Warning: the dictionary size (ntokens = {self.ntokens}) should be a multiple of 8 '

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU check (about 5 minutes on one H100): the benchmark of every recipe on the seed's
-# model and on --small, the fused-vs-per-parameter FP16_Optimizer update, and 2 epochs of
-# the seed's `main.py --cuda --fp16` against fp32 on the first half of WikiText-2.
+# The GPU check (about 4 minutes on one H100): the benchmark of every recipe on the seed's
+# model and on --small, the fused-vs-per-parameter FP16_Optimizer update, 2 epochs of the
+# seed's `main.py --cuda --fp16` against fp32 on the first half of WikiText-2, and short
+# functional runs of every mode, --accel, --resume and generate.py on the GPU.
 #   bash scripts/gpu_check.sh DATA_DIR OUT_DIR
 set -u
 data=${1:?data directory (train.txt = first half of WikiText-2 train)}
@@ -15,3 +16,14 @@ timeout 120 python3 benchmark.py --cuda --warmup 30 --steps 60 --profile --json 
 timeout 60 python3 benchmark.py --cuda --small --warmup 30 --steps 100 --json "$out/benchmark_small.json" 2>&1 | tee "$out/benchmark_small.log"
 timeout 100 python3 main.py --cuda --fp16 --epochs 2 --data "$data" --save /tmp/fp16.pt 2>&1 | tee "$out/main_fp16_2epochs.log"
 timeout 170 python3 main.py --cuda --epochs 2 --data "$data" --save /tmp/fp32.pt 2>&1 | tee "$out/main_fp32_2epochs.log"
+small=(--data "$data" --emsize 64 --nhid 64 --log-interval 400)
+{ set -x
+  python3 main.py --cuda --amp --epochs 1 "${small[@]}" --save /tmp/amp.pt
+  python3 main.py --accel --bf16 --epochs 1 "${small[@]}" --save /tmp/bf16.pt
+  python3 main_fp16_optimizer.py --accel --fp16 --dynamic-loss-scale --epochs 2 "${small[@]}" --save /tmp/dyn2.pt
+  python3 main_fp16_optimizer.py --accel --fp16 --dynamic-loss-scale --epochs 1 "${small[@]}" --save /tmp/dyn1.pt
+  python3 main_fp16_optimizer.py --accel --fp16 --dynamic-loss-scale --epochs 2 "${small[@]}" --save /tmp/dyn1.pt --resume /tmp/dyn1.pt.resume
+  python3 generate.py --cuda --checkpoint /tmp/fp16.pt --words 40 --outf /tmp/g1.txt && cat /tmp/g1.txt
+  python3 generate.py --accel --checkpoint /tmp/dyn2.pt --words 40 --outf /tmp/g2.txt && cat /tmp/g2.txt
+  python3 generate.py --checkpoint /tmp/fp16.pt --words 40 --outf /tmp/g3.txt && cat /tmp/g3.txt
+} 2>&1 | tee "$out/functional.log"

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One epoch of the 200-unit LSTM on the first 3000 lines of WikiText-2 train (600 of valid
+# and test) with every recipe, one after the other in one run, logs in OUT_DIR.
+#   bash scripts/subset_runs.sh WIKITEXT2_DIR OUT_DIR [recipe ...]
+set -euo pipefail
+src=${1:?WikiText-2 directory}; out=${2:?output directory}; shift 2
+recipes=${*:-fp32 fp16 opt-static opt-dynamic amp bf16}
+mkdir -p "$out/data"
+head -n 3000 "$src/train.txt" > "$out/data/train.txt"
+head -n 600 "$src/valid.txt" > "$out/data/valid.txt"
+head -n 600 "$src/test.txt" > "$out/data/test.txt"
+common=(--data "$out/data" --emsize 200 --nhid 200 --dropout 0.2 --epochs 1 --log-interval 50)
+for recipe in $recipes; do
+  case $recipe in
+    fp32) cmd=(main.py) ;;
+    fp16) cmd=(main.py --fp16) ;;
+    opt-static) cmd=(main_fp16_optimizer.py --fp16) ;;
+    opt-dynamic) cmd=(main_fp16_optimizer.py --fp16 --dynamic-loss-scale) ;;
+    amp) cmd=(main.py --amp) ;;
+    bf16) cmd=(main.py --bf16) ;;
+    *) echo "unknown recipe $recipe" >&2; exit 2 ;;
+  esac
+  echo "== python ${cmd[*]} ${common[*]}" | tee "$out/$recipe.log"
+  python3 "${cmd[@]}" "${common[@]}" --save "$out/$recipe.pt" 2>&1 | tee -a "$out/$recipe.log"
+done
