@@ -274,6 +274,49 @@ def evaluate(model, source, bptt, autocast):
     return total.item() / (source.size(0) - 1)
 
 
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of fp16/bf16 logits [N, V], computed in fp32 a few rows at a time.
+
+    F.cross_entropy under autocast first copies all N * V logits to fp32 and back; on a
+    CPU, where the logits do not fit in cache, those passes cost as much as the decoder's
+    matrix product. Here each chunk of rows is widened to fp32 in cache, its softmax and
+    loss taken there, and the gradient (softmax - one_hot) stored in the logits' dtype;
+    backward only scales it.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, rows_per_chunk):
+        grad = torch.empty_like(logits)
+        losses = torch.empty(logits.size(0), dtype=torch.float32, device=logits.device)
+        for start in range(0, logits.size(0), rows_per_chunk):
+            rows = slice(start, start + rows_per_chunk)
+            x, t = logits[rows].float(), targets[rows, None]
+            x.sub_(x.amax(1, keepdim=True))  # in place, in the chunk's fp32 copy
+            target_logit = x.gather(1, t)
+            probs = x.exp_()
+            total = probs.sum(1, keepdim=True)
+            losses[rows] = (total.log() - target_logit).squeeze(1)
+            grad[rows] = probs.div_(total).scatter_add_(1, t, torch.full_like(t, -1, dtype=probs.dtype))
+        ctx.save_for_backward(grad)
+        return losses.mean()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad, = ctx.saved_tensors
+        return grad * (grad_loss / grad.size(0)).to(grad.dtype), None, None
+
+
+CHUNK_BYTES = 4 << 20  # a chunk of logits that stays in a CPU's cache
+
+
+def cross_entropy(logits, targets):
+    """Mean cross-entropy in fp32 math; low-precision logits on a CPU go through ChunkedCrossEntropy."""
+    if logits.dtype == torch.float32 or logits.device.type != 'cpu':
+        return F.cross_entropy(logits.float(), targets)
+    rows = max(1, CHUNK_BYTES // (logits.size(1) * 4))
+    return ChunkedCrossEntropy.apply(logits, targets, rows)
+
+
 def train_batch(model, stepper, inputs, targets, hidden):
     """One forward, backward and update; returns the (unscaled) loss and the new hidden state."""
     # Detach the hidden state so backprop stops at the start of this batch
@@ -281,7 +324,7 @@ def train_batch(model, stepper, inputs, targets, hidden):
     hidden = repackage_hidden(hidden)
     with stepper.autocast():
         output, hidden = model(inputs, hidden)
-        loss = F.cross_entropy(output.view(-1, output.size(-1)).float(), targets)
+        loss = cross_entropy(output.view(-1, output.size(-1)), targets)
     stepper.step(loss)
     return loss.detach(), hidden
 
