@@ -55,8 +55,11 @@ SERVER = r'''
 import json, os, runpy, signal, sys, time, traceback
 repo = sys.argv[1]
 sys.path.insert(0, repo)
-import torch  # noqa: F401  the expensive import, done once: each case runs in a fork
+import torch  # the expensive imports, done once: each case runs in a fork
 import checkpoint, cli, data, fp16_utils, model, training  # noqa: F401
+# The first optimizer and GradScaler cost more than a second of lazy imports: pay it here too.
+torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0, foreach=True)
+torch.amp.GradScaler('cpu', enabled=False)
 
 
 def child(req):
@@ -607,11 +610,20 @@ def test_unusable_corpus(kind, script, tmp_path, fast_run, corpus_dir, case_dir)
 
 # ---------------------------------------------------------------- divergence
 
-def test_diverging_fp32_run_stops(tmp_path, corpus_dir, case_dir):
-    """With a huge lr the weights blow up within a few batches of epoch 1: the run stops, --save is untouched."""
+DIVERGING = {
+    # lr 1e38 with no clipping: the gradients become inf/NaN within the first 5 batches
+    'non-finite-gradients': ['--lr', '1e38', '--clip', '1e30'],
+    # lr 1e38 clipped to norm 0.25: from batch 2 on the training loss is inf (the logits overflow)
+    # while the gradients (softmax - one-hot) stay finite
+    'non-finite-loss': ['--lr', '1e38', '--clip', '0.25'],
+}
+
+
+@pytest.mark.parametrize('name', list(DIVERGING))
+def test_diverging_fp32_run_stops(name, tmp_path, corpus_dir, case_dir):
+    """The run stops in epoch 1 with 'training diverged'; the model.pt of an earlier run is untouched."""
     before = snapshot(tmp_path)
-    proc = run_script('main.py', '--data', corpus_dir, *SMALL, '--epochs', 2, '--lr', '1e30', '--clip', '1e30',
-                      cwd=case_dir, env=ENV)
+    proc = run_script('main.py', '--data', corpus_dir, *SMALL, '--epochs', 2, *DIVERGING[name], cwd=case_dir, env=ENV)
     line = error_line(proc, 'main.py', 1)
     assert 'training diverged' in line and 'in epoch 1' in line and 'no model was saved' in line, line
     assert '| end of epoch' not in proc.stdout
@@ -701,14 +713,18 @@ def long_test_corpus(tmp_path_factory, corpus_dir):
     return d
 
 
-def test_second_signal_quits_at_once_leaving_whole_files(tmp_path, long_test_corpus):
+@pytest.mark.parametrize('when', ['right-after-the-first', 'during-the-test-evaluation'])
+def test_second_signal_quits_at_once_leaving_whole_files(when, tmp_path, long_test_corpus):
+    """Right after the first SIGINT the run is saving model.pt or SAVE.resume; a little later it is
+    evaluating the long test split. Either way a second SIGINT exits 130 at once and leaves only whole files."""
     proc, watchdog = start_training(tmp_path, long_test_corpus)
     seen = []
     try:
         assert read_until(proc, '| end of epoch', seen), ''.join(seen)
         proc.send_signal(signal.SIGINT)
-        assert read_until(proc, 'stopping after this batch', seen), ''.join(seen)
-        proc.send_signal(signal.SIGINT)  # while it saves SAVE.resume or evaluates the long test split
+        wait_for = 'stopping after this batch' if when == 'right-after-the-first' else 'Exiting from training early'
+        assert read_until(proc, wait_for, seen), ''.join(seen)
+        proc.send_signal(signal.SIGINT)
     finally:
         done = finish(proc, watchdog, seen)
     assert done.returncode == 130, describe(done)
@@ -716,7 +732,8 @@ def test_second_signal_quits_at_once_leaving_whole_files(tmp_path, long_test_cor
     assert 'End of training' not in done.stdout
     assert 'Traceback' not in done.stdout + done.stderr, describe(done)
     files = sorted(p.name for p in tmp_path.iterdir())
-    assert 'model.pt' in files, files
+    if when == 'during-the-test-evaluation':
+        assert files == ['model.pt', 'model.pt.resume'], files
     assert not [f for f in files if f.endswith('.tmp')], files
     for f in files:
         checkpoint.load(str(tmp_path / f))  # every file left is a whole checkpoint
