@@ -2,6 +2,7 @@
 import os
 import pickle
 import tempfile
+import zipfile
 
 import torch
 
@@ -36,6 +37,13 @@ def load(path):
     """The checkpoint dict at path, on the CPU; a CheckpointError says why it cannot be used."""
     if not os.path.isfile(path):
         raise CheckpointError(f'checkpoint {path} does not exist.')
+    try:  # torch.load does not check the zip's CRC-32s, so flipped bytes in a tensor would load silently
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError):
+        damaged = None  # not a zip: torch.load below says what it is
+    if damaged is not None:
+        raise CheckpointError(f'{path} is corrupt (the checksum of {damaged} does not match).')
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
@@ -78,6 +86,12 @@ def load_model(path):
         vocab = ckpt['vocab']
         if len(vocab['idx2word']) != model.encoder.num_embeddings:
             raise ValueError('vocabulary size does not match the model')
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f'{path} is damaged or incompatible: {str(e).splitlines()[0]}') from None
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        raise CheckpointError(f'{path} is damaged or incompatible: {describe_error(e)}') from None
     return model, vocab['idx2word'], vocab['padding']
+
+
+def describe_error(e):
+    """The first two lines of an exception's message on one line (load_state_dict puts the detail second)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return ' '.join(lines[:2]) or type(e).__name__

@@ -58,6 +58,8 @@ class Corpus:
         if not os.path.isdir(path):
             raise DataError(f'data directory {path} does not exist.')
         for split, file in paths.items():
+            if os.path.isdir(file):
+                raise DataError(f'{file} is a directory, not a text file.')
             if not os.path.isfile(file):
                 raise DataError(f'{file} is missing (the data directory needs train.txt, valid.txt and test.txt).')
         self.train = self.tokenize(paths['train'])
@@ -84,8 +86,8 @@ class Corpus:
                     if not text.endswith('\n'):
                         text += '\n'
                     ids.extend(map(word2idx.__getitem__, text.replace('\n', f' {EOS} ').split()))
-        except UnicodeDecodeError as e:
-            raise DataError(f'{path} is not UTF-8 text (bad byte at offset {e.start}).') from None
+        except UnicodeDecodeError:
+            raise DataError(f'{path} is not UTF-8 text (bad byte at offset {first_bad_utf8_byte(path)}).') from None
         except OSError as e:
             raise DataError(f'cannot read {path}: {e.strerror}.') from None
         if len(ids) == 0:
@@ -93,6 +95,17 @@ class Corpus:
         self.dictionary.word2idx = dict(word2idx)
         self.dictionary.idx2word.extend(list(word2idx)[len(self.dictionary.idx2word):])
         return torch.frombuffer(ids, dtype=torch.int64)
+
+
+def first_bad_utf8_byte(path):
+    """Offset in the file of the first byte that is not valid UTF-8 (text-mode errors count per chunk)."""
+    with open(path, 'rb') as f:
+        raw = f.read()
+    try:
+        raw.decode('utf-8')
+    except UnicodeDecodeError as e:
+        return e.start
+    return None
 
 
 def download_wikitext2(path, url=WIKITEXT2_URL):

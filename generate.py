@@ -24,12 +24,14 @@ parser.add_argument('--log-interval', type=int, default=100, help='print progres
 add_device_flags(parser)
 args = parser.parse_args()
 
-if args.temperature < 1e-3:
-    fail(f'--temperature must be at least 1e-3 (got {args.temperature:g}).', 2)
+if not 1e-3 <= args.temperature < float('inf'):  # also rejects nan
+    fail(f'--temperature must be a finite number of at least 1e-3 (got {args.temperature:g}).', 2)
 if args.words < 0:
     fail(f'--words must be 0 or more (got {args.words}).', 2)
 if args.log_interval < 1:
     fail(f'--log-interval must be at least 1 (got {args.log_interval}).', 2)
+if not args.outf:
+    fail('--outf must name a file.', 2)
 if os.path.isdir(args.outf):
     fail(f'--outf {args.outf} is a directory; give a file name.', 2)
 if not os.path.isdir(os.path.dirname(os.path.abspath(args.outf))):

@@ -85,6 +85,8 @@ def check_args(args):
     is_default_data = os.path.normpath(args.data) == os.path.normpath(data.DEFAULT_DATA)
     if not is_default_data and not os.path.isdir(args.data):
         fail(f'--data {args.data}: no such directory.', 2)
+    if not args.save:
+        fail('--save must name a file.', 2)
     save_dir = os.path.dirname(os.path.abspath(args.save))
     if os.path.isdir(args.save):
         fail(f'--save {args.save} is a directory; give a file name.', 2)
@@ -197,11 +199,11 @@ class SGDStep:
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip, foreach=True)
-        finite = bool(torch.isfinite(norm))  # the step's one host sync
+        finite = bool(torch.isfinite(norm + loss.detach()))  # the step's one host sync
         if finite:
             self.optimizer.step()
-        elif not self.scaler.is_enabled():
-            # Nothing was scaled, so this is no overflow: training has diverged.
+        elif not self.scaler.is_enabled() or not torch.isfinite(loss):
+            # An inf/NaN fp32 loss, or gradients that were not scaled, cannot be overflow: divergence.
             raise TrainingDiverged()
         else:
             report_skip(self)
@@ -220,7 +222,7 @@ class SGDStep:
 
 
 class TrainingDiverged(Exception):
-    """The gradients of an unscaled (fp32 or bf16) step are not finite."""
+    """The loss, or the gradients of an unscaled (fp32 or bf16) step, are not finite."""
 
 
 def report_skip(stepper):
@@ -392,31 +394,34 @@ def load_resume(run, stepper):
     except checkpoint.CheckpointError as e:
         fail(str(e))
     if 'resume' not in ckpt:
-        fail(f'{path} is a best-model checkpoint, not a resume checkpoint (those are named SAVE.resume).')
-    saved_args = ckpt['args']
-    differences = [f'--{key} was {saved_args.get(key)}, now {getattr(args, key, None)}'
-                   for key in RESUME_MUST_MATCH if saved_args.get(key) != getattr(args, key, None)]
-    saved_words = ckpt['vocab']['idx2word']
-    if saved_words != run.corpus.dictionary.idx2word:
-        differences.append(f'the vocabulary differs ({len(saved_words)} words saved, {run.ntokens} in --data)')
-    state = ckpt['resume']
-    if not differences and state['step']['recipe'] != stepper.describe():
-        differences.append(f"the precision recipe was '{state['step']['recipe']}', now '{stepper.describe()}'")
-    if differences:
-        fail(f'cannot resume from {path}: ' + '; '.join(differences) + '.', 2)
+        fail(f'{path} is a best-model checkpoint, not a resume checkpoint (those are named SAVE.resume).', 2)
     try:
+        saved_args, saved_words, state = ckpt['args'], ckpt['vocab']['idx2word'], ckpt['resume']
+        differences = [f'{flag_name(key)} was {saved_args.get(key, False)}, now {getattr(args, key, False)}'
+                       for key in RESUME_MUST_MATCH if saved_args.get(key, False) != getattr(args, key, False)]
+        if saved_words != run.corpus.dictionary.idx2word:
+            differences.append(f'the vocabulary differs ({len(saved_words)} words saved, {run.ntokens} in --data)')
+        if not differences and state['step']['recipe'] != stepper.describe():
+            differences.append(f"the precision recipe was '{state['step']['recipe']}', now '{stepper.describe()}'")
+        if differences:
+            fail(f'cannot resume from {path}: ' + '; '.join(differences) + '.', 2)
         run.model.load_state_dict(ckpt['model'])
         stepper.load_state_dict(state['step'])
-    except (KeyError, ValueError, RuntimeError) as e:
-        fail(f'{path} is damaged or incompatible: {str(e).splitlines()[0]}')
-    torch.set_rng_state(state['rng'])
-    if state['cuda_rng']:
-        torch.cuda.set_rng_state_all(state['cuda_rng'])
-    hidden = state['hidden']
-    if hidden is not None:
-        hidden = tuple(h.to(run.device) for h in hidden) if isinstance(hidden, (tuple, list)) else hidden.to(run.device)
-    print(f'| resuming {path} at epoch {state["epoch"]}, batch {state["next_batch"]}', flush=True)
-    return state['epoch'], state['next_batch'], hidden, ckpt['best_val_loss']
+        torch.set_rng_state(state['rng'])
+        if state['cuda_rng']:
+            torch.cuda.set_rng_state_all(state['cuda_rng'])
+        hidden = state['hidden']
+        if hidden is not None:
+            hidden = tuple(h.to(run.device) for h in hidden) if isinstance(hidden, (tuple, list)) else hidden.to(run.device)
+        epoch, next_batch, best_val_loss = int(state['epoch']), int(state['next_batch']), ckpt['best_val_loss']
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        fail(f'{path} is damaged or incompatible: {checkpoint.describe_error(e)}')
+    print(f'| resuming {path} at epoch {epoch}, batch {next_batch}', flush=True)
+    return epoch, next_batch, hidden, best_val_loss
+
+
+def flag_name(dest):
+    return POSITIVE_FLAGS.get(dest) or '--' + dest.replace('_', '-')
 
 
 def train(run, stepper):
@@ -439,6 +444,8 @@ def train(run, stepper):
                 if next_batch < len(run.batch_starts):
                     break  # stopped inside the epoch: SAVE.resume continues from next_batch
                 val_loss = evaluate(model, run.val_data, args.bptt, stepper.autocast)
+                if not math.isfinite(val_loss):
+                    raise TrainingDiverged()
                 print('-' * 89)
                 print(f'| end of epoch {epoch:3d} | time: {time.time() - epoch_start:5.2f}s '
                       f'| valid loss {val_loss:5.2f} | valid ppl {ppl(val_loss):8.2f}')
@@ -454,17 +461,20 @@ def train(run, stepper):
                 save_resume(run, stepper, epoch, next_batch, hidden, best_val_loss)
         except TrainingDiverged:
             kept = f'the best model so far is kept in {args.save}' if best_val_loss is not None else 'no model was saved'
-            fail(f'training diverged: the gradients became inf or NaN in epoch {epoch} with lr {stepper.lr:g} '
-                 f'(try a smaller --lr); {kept}.')
+            fail(f'training diverged: the loss or the gradients became inf or NaN in epoch {epoch} with lr '
+                 f'{stepper.lr:g} (try a smaller --lr); {kept}.')
         if stop.requested:
             if next_batch:
                 save_resume(run, stepper, epoch, next_batch, hidden, best_val_loss)
             print('-' * 89)
             print(f'Exiting from training early; continue with --resume {resume_path(args)}')
-        if best_val_loss is not None:
-            model.load_state_dict(checkpoint.load(args.save)['model'])
-        else:
+        if best_val_loss is None:
             print('| no epoch finished, so there is no best model: testing the current weights')
+        else:
+            try:
+                model.load_state_dict(checkpoint.load(args.save)['model'])
+            except (checkpoint.CheckpointError, KeyError, RuntimeError) as e:
+                print(f'| the best model cannot be loaded ({e}): testing the current weights')
         test_loss = evaluate(model, run.test_data, args.bptt, stepper.autocast)
     print('=' * 89)
     print(f'| End of training | test loss {test_loss:5.2f} | test ppl {ppl(test_loss):8.2f}')

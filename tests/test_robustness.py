@@ -500,6 +500,22 @@ def test_resume_refuses_a_run_it_cannot_continue(name, tmp_path, fast_run, resum
     assert_unchanged(before, tmp_path)
 
 
+def test_resume_without_the_best_model_file(tmp_path, fast_run, corpus_dir, resume_checkpoint):
+    """SAVE.resume copied alone to another directory (its run has finished 2 epochs): --resume with
+    --epochs 2 has nothing left to train and tests. The best model (SAVE) is not there: that must give a
+    clean result (test the resumed weights) or one clear line naming it, not a traceback."""
+    shutil.copy(resume_checkpoint, tmp_path / 'model.pt.resume')
+    before = snapshot(tmp_path)
+    proc = fast_run('main.py', '--data', corpus_dir, *SMALL, '--epochs', 2, '--resume', 'model.pt.resume', cwd=tmp_path)
+    assert 'Traceback' not in proc.stderr, describe(proc)
+    if proc.returncode == 0:
+        end_line(proc.stdout)
+    else:
+        line = error_line(proc, 'main.py', proc.returncode)
+        assert 'model.pt' in line, line
+        assert_unchanged(before, tmp_path)
+
+
 # ---------------------------------------------------------------- checkpoints that cannot be used
 
 @pytest.mark.parametrize('kind', ['code-system', 'code-open'])
