@@ -281,31 +281,36 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 
     F.cross_entropy under autocast first copies all N * V logits to fp32 and back; on a
     CPU, where the logits do not fit in cache, those passes cost as much as the decoder's
-    matrix product. Here each chunk of rows is widened to fp32 in cache, its softmax and
-    loss taken there, and the gradient (softmax - one_hot) stored in the logits' dtype;
-    backward only scales it.
+    matrix product. Here each chunk of rows is widened to fp32 while it is in cache: the
+    forward keeps only each row's log-sum-exp; the backward recomputes the chunk's softmax
+    and writes (softmax - one_hot) * grad / N, rounded once to the logits' dtype.
     """
 
     @staticmethod
     def forward(ctx, logits, targets, rows_per_chunk):
-        grad = torch.empty_like(logits)
-        losses = torch.empty(logits.size(0), dtype=torch.float32, device=logits.device)
-        for start in range(0, logits.size(0), rows_per_chunk):
-            rows = slice(start, start + rows_per_chunk)
-            x, t = logits[rows].float(), targets[rows, None]
-            x.sub_(x.amax(1, keepdim=True))  # in place, in the chunk's fp32 copy
-            target_logit = x.gather(1, t)
-            probs = x.exp_()
-            total = probs.sum(1, keepdim=True)
-            losses[rows] = (total.log() - target_logit).squeeze(1)
-            grad[rows] = probs.div_(total).scatter_add_(1, t, torch.full_like(t, -1, dtype=probs.dtype))
-        ctx.save_for_backward(grad)
-        return losses.mean()
+        lse = torch.empty(logits.size(0), 1, dtype=torch.float32, device=logits.device)
+        for rows in chunks(logits.size(0), rows_per_chunk):
+            lse[rows] = torch.logsumexp(logits[rows].float(), 1, keepdim=True)
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.rows_per_chunk = rows_per_chunk
+        target_logits = logits.gather(1, targets[:, None]).float()
+        return (lse - target_logits).mean()
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad, = ctx.saved_tensors
-        return grad * (grad_loss / grad.size(0)).to(grad.dtype), None, None
+        logits, targets, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        scale = grad_loss.float() / logits.size(0)
+        for rows in chunks(logits.size(0), ctx.rows_per_chunk):
+            probs = logits[rows].float().sub_(lse[rows]).exp_()
+            t = targets[rows, None]
+            probs.scatter_add_(1, t, torch.full_like(t, -1, dtype=probs.dtype))
+            grad[rows] = probs.mul_(scale)
+        return grad, None, None
+
+
+def chunks(n, size):
+    return (slice(start, start + size) for start in range(0, n, size))
 
 
 CHUNK_BYTES = 4 << 20  # a chunk of logits that stays in a CPU's cache
