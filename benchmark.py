@@ -10,7 +10,7 @@ warm-up steps first, then --steps timed steps, the device synchronised before
 and after. On the CPU each recipe runs in its own process so that its peak
 memory (max RSS, which includes the imported libraries) is its own; on CUDA peak
 memory is torch.cuda.max_memory_allocated. With --rounds N every recipe runs N
-times, in turn, and the fastest run of each is kept.
+times, in turn (in reverse order every other round), and the fastest run of each is kept.
 """
 import argparse
 import contextlib
@@ -239,7 +239,8 @@ def main():
               'train_flops_per_step': 3 * step_flops(cfg), 'results': []}
     best = {}
     for round_ in range(1, cfg.rounds + 1):
-        for n, recipe in enumerate(recipes, 1):
+        order = recipes if round_ % 2 else recipes[::-1]  # alternate, so no recipe always runs first
+        for n, recipe in enumerate(order, 1):
             print(f'| round {round_}/{cfg.rounds} [{n}/{len(recipes)}] {recipe}: '
                   f'{cfg.warmup} warm-up + {cfg.steps} timed steps ...', flush=True)
             if device.type == 'cpu':  # own process, own max RSS
