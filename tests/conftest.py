@@ -63,6 +63,16 @@ def make_tiny_corpus(directory, seed=0):
     return write_corpus(directory, ''.join(train), ''.join(valid), ''.join(test))
 
 
+# One intra-op thread for script runs: the models are tiny, and spinning OpenMP threads
+# slow every batch down on a busy 2-core machine.
+ENV = {'OMP_NUM_THREADS': '1'}
+
+
+@pytest.fixture(scope='module')
+def corpus_dir(tmp_path_factory):
+    return make_tiny_corpus(tmp_path_factory.mktemp('corpus'))
+
+
 def run_script(script, *args, cwd, timeout=240, env=None):
     """Run one of the repository's scripts with this Python; returns CompletedProcess (text)."""
     full_env = dict(os.environ, PYTHONUNBUFFERED='1', CUDA_VISIBLE_DEVICES='')

@@ -9,18 +9,12 @@ import torch
 import torch.nn.functional as F
 
 import training
-from conftest import make_tiny_corpus, run_script
+from conftest import ENV, run_script
 from model import RNNModel
 
 TRAIN_ARGS = ['--epochs', 2, '--emsize', 16, '--nhid', 16, '--batch_size', 8, '--bptt', 10,
               '--log-interval', 5, '--save', 'model.pt', '--lr', 5, '--dropout', 0]
-ENV = {'OMP_NUM_THREADS': '1'}
 LOSS_RE = re.compile(r'^\| epoch +\d+ \| .*\| loss +(\d+\.\d+) \|', re.M)
-
-
-@pytest.fixture(scope='module')
-def corpus_dir(tmp_path_factory):
-    return make_tiny_corpus(tmp_path_factory.mktemp('corpus'))
 
 
 @pytest.mark.parametrize('script', ['main.py', 'main_fp16_optimizer.py'])

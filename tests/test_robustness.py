@@ -33,12 +33,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import REPO, make_tiny_corpus, run_script, structured_text
+from conftest import ENV, REPO, run_script, structured_text
 
 import checkpoint
 
-# One intra-op thread: the models are tiny, and spinning OpenMP threads slow a busy 2-core machine.
-ENV = {'OMP_NUM_THREADS': '1'}
 SPLITS = ('train', 'valid', 'test')
 
 # A tiny model; dropout > 0 so that exact resumption needs the RNG state too.
@@ -273,11 +271,6 @@ def fast_run(tmp_path_factory):
     runner = ForkRunner(tmp_path_factory.mktemp('fork-runner'))
     yield runner
     runner.close()
-
-
-@pytest.fixture(scope='module')
-def corpus_dir(tmp_path_factory):
-    return make_tiny_corpus(tmp_path_factory.mktemp('corpus'))
 
 
 @pytest.fixture(scope='module')

@@ -12,13 +12,10 @@ import torch
 
 import checkpoint
 import data
-from conftest import REPO, make_tiny_corpus, run_script
+from conftest import ENV, REPO, run_script
 
 TRAIN_ARGS = ['--epochs', 2, '--emsize', 16, '--nhid', 16, '--batch_size', 8, '--bptt', 10,
               '--log-interval', 5, '--save', 'model.pt', '--lr', 5, '--dropout', 0]
-# A single intra-op thread: the models are tiny, and on a busy 2-core machine OpenMP's
-# spinning threads make every batch hundreds of times slower.
-ENV = {'OMP_NUM_THREADS': '1'}
 
 RUNS = {
     'main-fp32': ('main.py', []),
@@ -29,11 +26,6 @@ RUNS = {
 
 LOSS_RE = re.compile(r'^\| epoch +\d+ \| +\d+/ *(\d+) batches .*\| loss +(\d+\.\d+) \|', re.M)
 END_RE = re.compile(r'\| End of training \| test loss +(\d+\.\d+) \| test ppl +(\S+)')
-
-
-@pytest.fixture(scope='module')
-def corpus_dir(tmp_path_factory):
-    return make_tiny_corpus(tmp_path_factory.mktemp('corpus'))
 
 
 @pytest.fixture(scope='module')
