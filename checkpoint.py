@@ -1,4 +1,5 @@
 """Checkpoints: one dict of plain data and tensors, written atomically, read with weights_only."""
+import contextlib
 import os
 import pickle
 import tempfile
@@ -15,22 +16,30 @@ class CheckpointError(Exception):
     """A checkpoint that cannot be used, worded for the user."""
 
 
-def save(obj, path):
-    """torch.save to a temporary file beside path, then rename it over path.
+@contextlib.contextmanager
+def atomic_write(path, mode='wb', **open_args):
+    """A file object for a temporary file beside path, renamed over path once the block ends.
 
-    A crash or Ctrl-C during the write leaves the previous file at path intact.
+    A crash or Ctrl-C during the write leaves the previous file at path intact and no
+    temporary file behind.
     """
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=f'.{os.path.basename(path)}.',
+                               suffix='.tmp')
     try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode, **open_args) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def save(obj, path):
+    """torch.save, atomically."""
+    with atomic_write(path) as f:
+        torch.save(obj, f)
 
 
 def load(path):
@@ -77,6 +86,10 @@ def model_checkpoint(model, dictionary, args, best_val_loss):
     }
 
 
+# What using a loaded checkpoint's contents raises when they are missing, mistyped or mismatched.
+CONTENT_ERRORS = (KeyError, TypeError, ValueError, RuntimeError, AttributeError)
+
+
 def load_model(path):
     """(fp32 RNNModel on the CPU, idx2word, padding indices) from a best-model checkpoint."""
     ckpt = load(path)
@@ -86,7 +99,7 @@ def load_model(path):
         vocab = ckpt['vocab']
         if len(vocab['idx2word']) != model.encoder.num_embeddings:
             raise ValueError('vocabulary size does not match the model')
-    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+    except CONTENT_ERRORS as e:
         raise CheckpointError(f'{path} is damaged or incompatible: {describe_error(e)}') from None
     return model, vocab['idx2word'], vocab['padding']
 

@@ -11,6 +11,19 @@ def fail(message, code=1):
     sys.exit(code)
 
 
+def check_output_file(flag, path):
+    """A file a script will write: named, not a directory, in a writable directory (else exit 2)."""
+    if not path:
+        fail(f'{flag} must name a file.', 2)
+    if os.path.isdir(path):
+        fail(f'{flag} {path} is a directory; give a file name.', 2)
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        fail(f'{flag} {path}: directory {directory} does not exist.', 2)
+    if not os.access(directory, os.W_OK):
+        fail(f'{flag} {path}: directory {directory} is not writable.', 2)
+
+
 def add_device_flags(parser):
     parser.add_argument('--cuda', action='store_true', help='run on the CUDA device')
     parser.add_argument('--accel', action='store_true',

@@ -5,12 +5,11 @@ vocabulary up to a multiple of 8) are never sampled.
 """
 import argparse
 import os
-import tempfile
 
 import torch
 
 import checkpoint
-from cli import add_device_flags, fail, select_device
+from cli import add_device_flags, check_output_file, fail, select_device
 
 parser = argparse.ArgumentParser(description='Generate text with a trained word-level language model')
 parser.add_argument('--data', type=str, default='./data/wikitext-2',
@@ -30,12 +29,7 @@ if args.words < 0:
     fail(f'--words must be 0 or more (got {args.words}).', 2)
 if args.log_interval < 1:
     fail(f'--log-interval must be at least 1 (got {args.log_interval}).', 2)
-if not args.outf:
-    fail('--outf must name a file.', 2)
-if os.path.isdir(args.outf):
-    fail(f'--outf {args.outf} is a directory; give a file name.', 2)
-if not os.path.isdir(os.path.dirname(os.path.abspath(args.outf))):
-    fail(f'--outf {args.outf}: the directory does not exist.', 2)
+check_output_file('--outf', args.outf)
 if not os.path.isfile(args.checkpoint):
     fail(f'--checkpoint {args.checkpoint}: no such file.', 2)
 device = select_device(args)
@@ -50,13 +44,13 @@ model.to(device).eval()
 # Padding words get logit -inf, hence probability 0.
 logit_mask = torch.zeros(len(idx2word), device=device)
 logit_mask[padding] = float('-inf')
-real_words = torch.tensor([i for i in range(len(idx2word)) if i not in set(padding)], device=device)
+padding_set = set(padding)
+real_words = torch.tensor([i for i in range(len(idx2word)) if i not in padding_set], device=device)
 
 hidden = model.init_hidden(1)
 token = real_words[torch.randint(len(real_words), (1,), device=device)].view(1, 1)
 
-fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(args.outf)), prefix=f'.{os.path.basename(args.outf)}.', suffix='.tmp')
-with os.fdopen(fd, 'w', encoding='utf-8') as outf, torch.no_grad():
+with checkpoint.atomic_write(args.outf, 'w', encoding='utf-8') as outf, torch.no_grad():
     for i in range(args.words):
         logits, hidden = model(token, hidden)
         probs = torch.softmax(logits.view(-1) / args.temperature + logit_mask, dim=0)
@@ -67,4 +61,3 @@ with os.fdopen(fd, 'w', encoding='utf-8') as outf, torch.no_grad():
             print(f'| Generated {i + 1}/{args.words} words', flush=True)
     if args.words % 20:
         outf.write('\n')
-os.replace(tmp, args.outf)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 import checkpoint
 import data
-from cli import add_device_flags, fail, select_device
+from cli import add_device_flags, check_output_file, fail, select_device
 from model import RNNModel, RNN_TYPES, repackage_hidden
 
 EVAL_BATCH_SIZE = 10
@@ -82,18 +82,9 @@ def check_args(args):
         fail(f"--model {args.model} is not a known rnn type; choose one of {', '.join(RNN_TYPES)}.", 2)
     if args.tied and args.emsize != args.nhid:
         fail(f'--tied needs --emsize equal to --nhid (got emsize {args.emsize}, nhid {args.nhid}).', 2)
-    is_default_data = os.path.normpath(args.data) == os.path.normpath(data.DEFAULT_DATA)
-    if not is_default_data and not os.path.isdir(args.data):
+    if not uses_default_data(args) and not os.path.isdir(args.data):
         fail(f'--data {args.data}: no such directory.', 2)
-    if not args.save:
-        fail('--save must name a file.', 2)
-    save_dir = os.path.dirname(os.path.abspath(args.save))
-    if os.path.isdir(args.save):
-        fail(f'--save {args.save} is a directory; give a file name.', 2)
-    if not os.path.isdir(save_dir):
-        fail(f'--save {args.save}: directory {save_dir} does not exist.', 2)
-    if not os.access(save_dir, os.W_OK):
-        fail(f'--save {args.save}: directory {save_dir} is not writable.', 2)
+    check_output_file('--save', args.save)
     if args.resume is not None and not os.path.isfile(args.resume):
         fail(f'--resume {args.resume}: no such file.', 2)
 
@@ -102,10 +93,15 @@ def ppl(loss):
     return math.exp(loss) if loss < 700 else float('inf')
 
 
+def uses_default_data(args):
+    """--data is the default directory, which is downloaded into when its files are missing."""
+    return os.path.normpath(args.data) == os.path.normpath(data.DEFAULT_DATA)
+
+
 def load_corpus(args):
     """The corpus, its dictionary padded to a multiple of 8 so the decoder GEMM can use Tensor Cores."""
     try:
-        if os.path.normpath(args.data) == os.path.normpath(data.DEFAULT_DATA):
+        if uses_default_data(args):
             data.download_wikitext2(args.data)
         return data.Corpus(args.data, pad_to_multiple_of=8)
     except data.DataError as e:
@@ -419,7 +415,7 @@ def load_resume(run, stepper):
         if hidden is not None:
             hidden = tuple(h.to(run.device) for h in hidden) if isinstance(hidden, (tuple, list)) else hidden.to(run.device)
         epoch, next_batch, best_val_loss = int(state['epoch']), int(state['next_batch']), ckpt['best_val_loss']
-    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+    except checkpoint.CONTENT_ERRORS as e:
         fail(f'{path} is damaged or incompatible: {checkpoint.describe_error(e)}')
     print(f'| resuming {path} at epoch {epoch}, batch {next_batch}', flush=True)
     return epoch, next_batch, hidden, best_val_loss
