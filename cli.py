@@ -1,28 +1,127 @@
-"""Command-line plumbing every script shares: one-sentence errors and the device flags."""
+"""What every script does at the command line: flags and their checks, the device, Ctrl-C,
+and turning the errors library code raises into one sentence and an exit code."""
+import argparse
+import math
 import os
+import signal
 import sys
 
 import torch
 
+import checkpoint
+import data
+import recipes
+from model import RNN_TYPES
 
-def fail(message, code=1):
-    """Print one sentence naming the problem and exit (2 for bad flags, 1 for bad files)."""
-    print(f'{os.path.basename(sys.argv[0])}: error: {message}', file=sys.stderr)
-    sys.exit(code)
+
+class UsageError(Exception):
+    """A flag or path on the command line that cannot work (exit code 2)."""
+
+
+def run(main, argv=None):
+    """Call main(argv) and return the exit code: what main returns, 2 for a command line that
+    cannot work, 1 for unusable files or a run that failed, each with its one-sentence error."""
+    try:
+        return main(argv) or 0
+    except (UsageError, checkpoint.CannotResume) as e:
+        return report_error(e, 2)
+    except (data.DataError, checkpoint.CheckpointError, recipes.TrainingDiverged) as e:
+        return report_error(e, 1)
+
+
+def report_error(error, code):
+    print(f'{os.path.basename(sys.argv[0])}: error: {error}', file=sys.stderr, flush=True)
+    return code
+
+
+# ---------------------------------------------------------------- training flags
+
+def training_parser(description):
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument('--data', type=str, default=data.DEFAULT_DATA,
+                   help='directory holding train.txt, valid.txt and test.txt; '
+                        'WikiText-2 is downloaded there if it is the default and missing')
+    p.add_argument('--model', type=str, default='LSTM', help=f'recurrent layer type: {", ".join(RNN_TYPES)}')
+    p.add_argument('--emsize', type=int, default=1504, help='word embedding width')
+    p.add_argument('--nhid', type=int, default=1504, help='hidden state width of each RNN layer')
+    p.add_argument('--nlayers', type=int, default=2, help='how many RNN layers are stacked')
+    p.add_argument('--lr', type=float, default=20, help='learning rate to start from (divided by 4 whenever validation stops improving)')
+    p.add_argument('--clip', type=float, default=0.25, help='clip the total gradient norm to this value')
+    p.add_argument('--epochs', type=int, default=40, help='how many epochs to train at most')
+    p.add_argument('--batch_size', type=int, default=24, metavar='N', help='columns the training text is cut into (the batch dimension)')
+    p.add_argument('--bptt', type=int, default=35, help='steps of truncated backpropagation through time per batch')
+    p.add_argument('--dropout', type=float, default=0.65, help='dropout probability after the embedding, between layers and before the decoder')
+    p.add_argument('--tied', action='store_true', help='share one matrix between the embedding and the decoder (needs emsize == nhid)')
+    p.add_argument('--seed', type=int, default=1111, help='seed for torch\'s random number generators')
+    add_device_flags(p)
+    p.add_argument('--log-interval', type=int, default=200, metavar='N', help='print a progress line every N batches')
+    p.add_argument('--save', type=str, default='model.pt', help='where the best model (by validation loss) is written')
+    precision = p.add_mutually_exclusive_group()
+    precision.add_argument('--fp16', action='store_true',
+                           help='train an fp16 model with fp32 master weights and a loss scale')
+    precision.add_argument('--amp', action='store_true',
+                           help='fp32 weights, forward under torch.autocast(float16), torch.amp.GradScaler')
+    precision.add_argument('--bf16', action='store_true',
+                           help='fp32 weights, forward under torch.autocast(bfloat16), no loss scaling')
+    p.add_argument('--static-loss-scale', type=float, default=None,
+                   help='static loss scale for --fp16 (default 128); powers of 2 keep the scaling exact')
+    p.add_argument('--resume', type=str, default=None, metavar='CHECKPOINT',
+                   help='continue the run saved in CHECKPOINT (SAVE.resume, written after every epoch and on Ctrl-C)')
+    return p
+
+
+# Flags that must hold positive integers, as the user types them.
+POSITIVE_FLAGS = {'emsize': '--emsize', 'nhid': '--nhid', 'nlayers': '--nlayers', 'epochs': '--epochs',
+                  'batch_size': '--batch_size', 'bptt': '--bptt', 'log_interval': '--log-interval'}
+
+
+
+def check_training_args(args):
+    """Reject bad flag values and unusable paths before anything is loaded or trained; settle the loss scale."""
+    for name, flag in POSITIVE_FLAGS.items():
+        if getattr(args, name) < 1:
+            raise UsageError(f'{flag} must be at least 1 (got {getattr(args, name)}).')
+    if not 0 <= args.dropout < 1:
+        raise UsageError(f'--dropout must be in [0, 1) (got {args.dropout:g}).')
+    for flag, value in (('--lr', args.lr), ('--clip', args.clip), ('--static-loss-scale', args.static_loss_scale)):
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise UsageError(f'{flag} must be a positive number (got {value:g}).')
+    if args.model not in RNN_TYPES:
+        raise UsageError(f"--model {args.model} is not a known rnn type; choose one of {', '.join(RNN_TYPES)}.")
+    if args.tied and args.emsize != args.nhid:
+        raise UsageError(f'--tied needs --emsize equal to --nhid (got emsize {args.emsize}, nhid {args.nhid}).')
+    if not uses_default_data(args.data) and not os.path.isdir(args.data):
+        raise UsageError(f'--data {args.data}: no such directory.')
+    check_output_file('--save', args.save)
+    if args.resume is not None and not os.path.isfile(args.resume):
+        raise UsageError(f'--resume {args.resume}: no such file.')
+    if args.static_loss_scale is None:
+        args.static_loss_scale = 128.0 if args.fp16 else 1.0
+    elif not args.fp16 and args.static_loss_scale != 1.0:
+        print('Warning:  static_loss_scale != 1.0 is only necessary with --fp16. '
+              'Resetting static_loss_scale to 1.0')
+        args.static_loss_scale = 1.0
+
+
+def uses_default_data(path):
+    """The default data directory, which is downloaded into when its files are missing."""
+    return os.path.normpath(path) == os.path.normpath(data.DEFAULT_DATA)
 
 
 def check_output_file(flag, path):
-    """A file a script will write: named, not a directory, in a writable directory (else exit 2)."""
+    """A file a script will write: named, not a directory, in a writable directory."""
     if not path:
-        fail(f'{flag} must name a file.', 2)
+        raise UsageError(f'{flag} must name a file.')
     if os.path.isdir(path):
-        fail(f'{flag} {path} is a directory; give a file name.', 2)
+        raise UsageError(f'{flag} {path} is a directory; give a file name.')
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
-        fail(f'{flag} {path}: directory {directory} does not exist.', 2)
+        raise UsageError(f'{flag} {path}: directory {directory} does not exist.')
     if not os.access(directory, os.W_OK):
-        fail(f'{flag} {path}: directory {directory} is not writable.', 2)
+        raise UsageError(f'{flag} {path}: directory {directory} is not writable.')
 
+
+# ---------------------------------------------------------------- device
 
 def add_device_flags(parser):
     parser.add_argument('--cuda', action='store_true', help='run on the CUDA device')
@@ -34,12 +133,44 @@ def select_device(args):
     """The device the flags ask for; asking for one that is missing is an error."""
     if args.cuda:
         if not torch.cuda.is_available():
-            fail('--cuda was given but no CUDA device is available.')
+            raise UsageError('--cuda was given but no CUDA device is available.')
         return torch.device('cuda')
     if args.accel:
         if not torch.accelerator.is_available():
-            fail('--accel was given but torch.accelerator finds no accelerator (CUDA, MPS, XPU, ...).')
+            raise UsageError('--accel was given but torch.accelerator finds no accelerator (CUDA, MPS, XPU, ...).')
         return torch.accelerator.current_accelerator()
     if torch.cuda.is_available():
         print('WARNING: You have a CUDA device, so you should probably run with --cuda')
     return torch.device('cpu')
+
+
+# ---------------------------------------------------------------- Ctrl-C
+
+class StopRequest:
+    """SIGINT (Ctrl-C) or SIGTERM asks training to stop after the current batch; a second one quits at once.
+
+    Files are written atomically, so quitting at any moment leaves every saved file whole.
+    """
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum = None
+
+    @property
+    def requested(self):
+        return self.signum is not None
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def handle(self, signum, frame):
+        if self.requested:
+            print('\n| second signal: exiting now', flush=True)
+            sys.exit(128 + signum)
+        self.signum = signum
+        print(f'\n| {signal.Signals(signum).name}: stopping after this batch (once more to quit at once)', flush=True)

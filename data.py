@@ -2,11 +2,12 @@
 import array
 import hashlib
 import os
-import tempfile
 import urllib.request
 from collections import defaultdict
 
 import torch
+
+from checkpoint import atomic_write
 
 SPLITS = ('train', 'valid', 'test')
 EOS = '<eos>'
@@ -128,10 +129,8 @@ def download_wikitext2(path, url=WIKITEXT2_URL):
         if digest != WIKITEXT2_SHA256[split]:
             raise DataError(f'downloaded {source} has SHA-256 {digest}, expected {WIKITEXT2_SHA256[split]}; nothing was written.')
         os.makedirs(path, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path, prefix=f'.{split}.', suffix='.part')
-        with os.fdopen(fd, 'wb') as f:
+        with atomic_write(dest) as f:
             f.write(payload)
-        os.replace(tmp, dest)
 
 
 # batchify cuts the token stream into bsz equal pieces and stands them side by side

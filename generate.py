@@ -5,59 +5,66 @@ vocabulary up to a multiple of 8) are never sampled.
 """
 import argparse
 import os
+import sys
 
 import torch
 
 import checkpoint
-from cli import add_device_flags, check_output_file, fail, select_device
+import cli
 
-parser = argparse.ArgumentParser(description='Generate text with a trained word-level language model')
-parser.add_argument('--data', type=str, default='./data/wikitext-2',
-                    help='accepted for the seed\'s command lines; unused, the vocabulary comes from the checkpoint')
-parser.add_argument('--checkpoint', type=str, default='./model.pt', help='checkpoint written by a training script')
-parser.add_argument('--outf', type=str, default='generated.txt', help='file the sampled words are written to')
-parser.add_argument('--words', type=int, default=1000, help='how many words to sample')
-parser.add_argument('--seed', type=int, default=1111, help='seed for sampling')
-parser.add_argument('--temperature', type=float, default=1.0, help='divide the logits by this before sampling: above 1 gives more varied text, below 1 safer text')
-parser.add_argument('--log-interval', type=int, default=100, help='print progress every N words')
-add_device_flags(parser)
-args = parser.parse_args()
 
-if not 1e-3 <= args.temperature < float('inf'):  # also rejects nan
-    fail(f'--temperature must be a finite number of at least 1e-3 (got {args.temperature:g}).', 2)
-if args.words < 0:
-    fail(f'--words must be 0 or more (got {args.words}).', 2)
-if args.log_interval < 1:
-    fail(f'--log-interval must be at least 1 (got {args.log_interval}).', 2)
-check_output_file('--outf', args.outf)
-if not os.path.isfile(args.checkpoint):
-    fail(f'--checkpoint {args.checkpoint}: no such file.', 2)
-device = select_device(args)
-torch.manual_seed(args.seed)
+def parse_args(argv):
+    p = argparse.ArgumentParser(description='Generate text with a trained word-level language model')
+    p.add_argument('--data', type=str, default='./data/wikitext-2',
+                   help="accepted for apex's command lines; unused, the vocabulary comes from the checkpoint")
+    p.add_argument('--checkpoint', type=str, default='./model.pt', help='checkpoint written by a training script')
+    p.add_argument('--outf', type=str, default='generated.txt', help='file the sampled words are written to')
+    p.add_argument('--words', type=int, default=1000, help='how many words to sample')
+    p.add_argument('--seed', type=int, default=1111, help='seed for sampling')
+    p.add_argument('--temperature', type=float, default=1.0,
+                   help='divide the logits by this before sampling: above 1 gives more varied text, below 1 safer text')
+    p.add_argument('--log-interval', type=int, default=100, help='print progress every N words')
+    cli.add_device_flags(p)
+    args = p.parse_args(argv)
+    if not 1e-3 <= args.temperature < float('inf'):  # also rejects nan
+        raise cli.UsageError(f'--temperature must be a finite number of at least 1e-3 (got {args.temperature:g}).')
+    if args.words < 0:
+        raise cli.UsageError(f'--words must be 0 or more (got {args.words}).')
+    if args.log_interval < 1:
+        raise cli.UsageError(f'--log-interval must be at least 1 (got {args.log_interval}).')
+    cli.check_output_file('--outf', args.outf)
+    if not os.path.isfile(args.checkpoint):
+        raise cli.UsageError(f'--checkpoint {args.checkpoint}: no such file.')
+    return args
 
-try:
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = cli.select_device(args)
+    torch.manual_seed(args.seed)
     model, idx2word, padding = checkpoint.load_model(args.checkpoint)
-except checkpoint.CheckpointError as e:
-    fail(str(e))
-model.to(device).eval()
+    model.to(device).eval()
 
-# Padding words get logit -inf, hence probability 0.
-logit_mask = torch.zeros(len(idx2word), device=device)
-logit_mask[padding] = float('-inf')
-padding_set = set(padding)
-real_words = torch.tensor([i for i in range(len(idx2word)) if i not in padding_set], device=device)
+    # Padding words get logit -inf, hence probability 0.
+    logit_mask = torch.zeros(len(idx2word), device=device)
+    logit_mask[padding] = float('-inf')
+    padding_set = set(padding)
+    real_words = torch.tensor([i for i in range(len(idx2word)) if i not in padding_set], device=device)
 
-hidden = model.init_hidden(1)
-token = real_words[torch.randint(len(real_words), (1,), device=device)].view(1, 1)
+    hidden = model.init_hidden(1)
+    token = real_words[torch.randint(len(real_words), (1,), device=device)].view(1, 1)
+    with checkpoint.atomic_write(args.outf, 'w', encoding='utf-8') as outf, torch.no_grad():
+        for i in range(args.words):
+            logits, hidden = model(token, hidden)
+            probs = torch.softmax(logits.view(-1) / args.temperature + logit_mask, dim=0)
+            word_id = torch.multinomial(probs, 1).item()
+            token.fill_(word_id)
+            outf.write(idx2word[word_id] + ('\n' if i % 20 == 19 else ' '))
+            if (i + 1) % args.log_interval == 0:
+                print(f'| Generated {i + 1}/{args.words} words', flush=True)
+        if args.words % 20:
+            outf.write('\n')
 
-with checkpoint.atomic_write(args.outf, 'w', encoding='utf-8') as outf, torch.no_grad():
-    for i in range(args.words):
-        logits, hidden = model(token, hidden)
-        probs = torch.softmax(logits.view(-1) / args.temperature + logit_mask, dim=0)
-        word_id = torch.multinomial(probs, 1).item()
-        token.fill_(word_id)
-        outf.write(idx2word[word_id] + ('\n' if i % 20 == 19 else ' '))
-        if (i + 1) % args.log_interval == 0:
-            print(f'| Generated {i + 1}/{args.words} words', flush=True)
-    if args.words % 20:
-        outf.write('\n')
+
+if __name__ == '__main__':
+    sys.exit(cli.run(main))

@@ -1,5 +1,11 @@
 """Word-level language model on WikiText-2; --fp16 is the manual mixed precision recipe.
 
+Read the files in this order: main.py (this recipe, then main() at the bottom), training.py
+(the loop it is handed to), model.py and data.py (the model, and how text becomes batches),
+fp16_utils.py (the helpers used below), main_fp16_optimizer.py (the same recipe packaged as
+FP16_Optimizer), recipes.py (fp32, --amp, --bf16). cli.py, checkpoint.py and
+chunked_cross_entropy.py are plumbing.
+
 The manual recipe, one update:
 
     fp16 model --forward/backward of (loss * scale)--> fp16 grads --norm--> [inf/NaN? skip]
@@ -11,67 +17,72 @@ the loss scale lifts small gradients above fp16's underflow threshold.
 """
 import contextlib
 import math
+import sys
 
 import torch
 
+import cli
+import recipes
 import training
 from fp16_utils import grad_norm, master_params_to_model_params, model_grads_to_master_grads, prep_param_lists
 
 
-class ManualFP16Step:
+class ManualFP16Recipe:
     """The recipe above, with the helpers apex.fp16_utils named."""
 
-    def __init__(self, model, args):
-        model.half()
-        self.model_params, self.master_params = prep_param_lists(model)
-        self.loss_scale = args.static_loss_scale
-        self.lr = args.lr
-        self.clip = args.clip
-        self.skipped = 0
+    name = 'fp16-manual'
+    autocast = staticmethod(contextlib.nullcontext)  # the model itself is fp16: nothing to autocast
 
-    autocast = staticmethod(contextlib.nullcontext)
+    def __init__(self, model, lr, clip, loss_scale):
+        self.model = model.half()
+        self.model_params, self.master_params = prep_param_lists(model)
+        self.optimizer = recipes.sgd(self.master_params, lr)  # SGD sees only the fp32 masters
+        self.clip = clip
+        self.loss_scale = loss_scale
 
     def describe(self):
         return f'fp16, manual fp32 master weights, static loss scale {self.loss_scale:g}'
 
     def step(self, loss):
         (loss * self.loss_scale).backward()
-        # The norm of the scaled fp16 grads: inf/NaN means overflow; else it gives the clip factor.
+        # The norm of the scaled fp16 grads (one host sync): inf/NaN means overflow; else it gives the clip factor.
         norm = grad_norm(self.model_params) / self.loss_scale
         if not math.isfinite(norm):
-            self.zero_model_grads()
-            training.report_skip(self)
+            self.model.zero_grad(set_to_none=True)
             return False
         model_grads_to_master_grads(self.model_params, self.master_params, loss_scale=self.loss_scale)
-        self.zero_model_grads()
-        master_grads = [p.grad for p in self.master_params]
+        self.model.zero_grad(set_to_none=True)
         clip_coef = self.clip / (norm + 1e-6)
-        with torch.no_grad():
-            if clip_coef < 1:
-                torch._foreach_mul_(master_grads, clip_coef)
-            torch._foreach_add_(self.master_params, master_grads, alpha=-self.lr)
+        if clip_coef < 1:
+            for master in self.master_params:
+                master.grad.mul_(clip_coef)
+        self.optimizer.step()
         master_params_to_model_params(self.model_params, self.master_params)
         return True
 
     def state_dict(self):
-        return {'recipe': self.describe(), 'masters': [p.detach().clone() for p in self.master_params],
-                'lr': self.lr, 'skipped': self.skipped}
+        return {'masters': [p.detach().clone() for p in self.master_params], 'optimizer': self.optimizer.state_dict()}
 
     def load_state_dict(self, state):
         if [m.shape for m in state['masters']] != [p.shape for p in self.master_params]:
             raise ValueError('the saved master weights have other shapes')
         with torch.no_grad():
-            torch._foreach_copy_(self.master_params, state['masters'])
+            for master, saved in zip(self.master_params, state['masters']):
+                master.copy_(saved)
+        self.optimizer.load_state_dict(state['optimizer'])
         master_params_to_model_params(self.model_params, self.master_params)
-        self.lr, self.skipped = state['lr'], state['skipped']
 
-    def zero_model_grads(self):
-        for p in self.model_params:
-            p.grad = None
+
+def main(argv=None):
+    args = cli.training_parser('PyTorch WikiText-2 RNN/LSTM language model (manual fp16 recipe)').parse_args(argv)
+    cli.check_training_args(args)
+    run = training.Run(args)
+    if args.fp16:
+        recipe = ManualFP16Recipe(run.model, args.lr, args.clip, args.static_loss_scale)
+    else:
+        recipe = recipes.from_flags(run.model, args)
+    return training.train(run, recipe)
 
 
 if __name__ == '__main__':
-    args = training.build_parser('PyTorch WikiText-2 RNN/LSTM language model (manual fp16 recipe)').parse_args()
-    run = training.Run(args)
-    stepper = ManualFP16Step(run.model, args) if args.fp16 else training.SGDStep(run.model, args)
-    training.train(run, stepper)
+    sys.exit(cli.run(main))

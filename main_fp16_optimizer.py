@@ -1,7 +1,7 @@
 """Word-level language model on WikiText-2; --fp16 wraps the optimizer in FP16_Optimizer.
 
 Same training as main.py, but the fp32 master weights and the loss scale are
-FP16_Optimizer's job. The loop calls, for each batch:
+FP16_Optimizer's job. The recipe's step, for each batch:
 
     optimizer.backward(loss)             # backward of loss * scale, grads -> fp32 masters, unscale
     optimizer.clip_master_grads(clip)    # clip the masters' gradient norm
@@ -10,7 +10,11 @@ FP16_Optimizer's job. The loop calls, for each batch:
 With --dynamic-loss-scale the scale starts high, halves on every overflow and
 doubles again after 1000 clean steps.
 """
+import contextlib
+import sys
 
+import cli
+import recipes
 import training
 
 try:  # an old apex that still ships fp16_utils
@@ -21,48 +25,56 @@ except ImportError:
     FP16_OPTIMIZER_SOURCE = "this example's fp16_utils"
 
 
-class FP16OptimizerStep(training.SGDStep):
+class FP16OptimizerRecipe:
     """fp16 model; torch.optim.SGD wrapped in FP16_Optimizer."""
 
-    def __init__(self, model, args):
+    autocast = staticmethod(contextlib.nullcontext)  # the model itself is fp16: nothing to autocast
+
+    def __init__(self, model, lr, clip, static_loss_scale=1.0, dynamic_loss_scale=False):
         model.half()
-        super().__init__(model, args)
-        self.optimizer = FP16_Optimizer(self.optimizer, static_loss_scale=args.static_loss_scale,
-                                        dynamic_loss_scale=args.dynamic_loss_scale, verbose=False)
-        self.dynamic = args.dynamic_loss_scale
+        sgd = recipes.sgd([p for p in model.parameters() if p.requires_grad], lr)
+        self.optimizer = FP16_Optimizer(sgd, static_loss_scale=static_loss_scale,
+                                        dynamic_loss_scale=dynamic_loss_scale, verbose=False)
+        self.clip = clip
+        self.name = 'fp16-optimizer-dynamic' if dynamic_loss_scale else 'fp16-optimizer-static'
 
     @property
     def loss_scale(self):
         return self.optimizer.loss_scale
 
     def describe(self):
-        scale = 'dynamic loss scale' if self.dynamic else f'static loss scale {self.loss_scale:g}'
+        scale = 'dynamic loss scale' if self.optimizer.dynamic_loss_scale else f'static loss scale {self.loss_scale:g}'
         return f'fp16, FP16_Optimizer from {FP16_OPTIMIZER_SOURCE}, {scale}'
-
-    def state_dict(self):
-        return {'recipe': self.describe(), 'optimizer': self.optimizer.state_dict(), 'skipped': self.skipped}
-
-    def load_state_dict(self, state):
-        self.optimizer.load_state_dict(state['optimizer'])
-        self.skipped = state['skipped']
 
     def step(self, loss):
         self.optimizer.backward(loss)
         self.optimizer.clip_master_grads(self.clip)
-        if self.optimizer.overflow:
-            training.report_skip(self)
         self.optimizer.step()
         self.optimizer.zero_grad(set_grads_to_None=True)
         return not self.optimizer.overflow
 
+    def state_dict(self):
+        return self.optimizer.state_dict()
 
-if __name__ == '__main__':
-    parser = training.build_parser('PyTorch WikiText-2 RNN/LSTM language model (FP16_Optimizer recipe)')
+    def load_state_dict(self, state):
+        self.optimizer.load_state_dict(state)
+
+
+def main(argv=None):
+    parser = cli.training_parser('PyTorch WikiText-2 RNN/LSTM language model (FP16_Optimizer recipe)')
     parser.add_argument('--dynamic-loss-scale', action='store_true',
                         help='use a dynamic loss scale (supersedes --static-loss-scale)')
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    cli.check_training_args(args)
     if args.dynamic_loss_scale and not args.fp16:
         print('Warning: --dynamic-loss-scale only applies with --fp16; ignoring it')
     run = training.Run(args)
-    stepper = FP16OptimizerStep(run.model, args) if args.fp16 else training.SGDStep(run.model, args)
-    training.train(run, stepper)
+    if args.fp16:
+        recipe = FP16OptimizerRecipe(run.model, args.lr, args.clip, args.static_loss_scale, args.dynamic_loss_scale)
+    else:
+        recipe = recipes.from_flags(run.model, args)
+    return training.train(run, recipe)
+
+
+if __name__ == '__main__':
+    sys.exit(cli.run(main))
