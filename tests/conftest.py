@@ -1,4 +1,7 @@
-"""Shared helpers for the test suite: the repository root, tiny corpora, script runs."""
+"""Shared helpers for the test suite: the repository root, tiny corpora, script runs
+(real processes, and in this process through cli.run), and the checks of a clean failure."""
+import contextlib
+import importlib
 import os
 import random
 import subprocess
@@ -6,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -73,10 +77,80 @@ def corpus_dir(tmp_path_factory):
     return make_tiny_corpus(tmp_path_factory.mktemp('corpus'))
 
 
-def run_script(script, *args, cwd, timeout=240, env=None):
-    """Run one of the repository's scripts with this Python; returns CompletedProcess (text)."""
+def run_script(script, *args, cwd, timeout=240, env=None, umask=None):
+    """Run one of the repository's scripts with this Python (under umask, if given); returns CompletedProcess (text)."""
     full_env = dict(os.environ, PYTHONUNBUFFERED='1', CUDA_VISIBLE_DEVICES='')
     if env:
         full_env.update(env)
     return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=str(cwd),
-                          capture_output=True, text=True, timeout=timeout, env=full_env)
+                          capture_output=True, text=True, timeout=timeout, env=full_env,
+                          umask=-1 if umask is None else umask)
+
+
+SCRIPT_MODULES = {'main.py': 'main', 'main_fp16_optimizer.py': 'main_fp16_optimizer', 'generate.py': 'generate'}
+
+
+@pytest.fixture
+def call_script(monkeypatch, capsys):
+    """call(script, *args, cwd=...): run the script's main(args) in this process through cli.run, as
+    `python SCRIPT ARGS` would in cwd (sys.argv[0] is the script, so errors start 'SCRIPT: error: '),
+    with no CUDA device, as run_script hides it; returns a CompletedProcess with what it printed.
+    argparse's own errors raise SystemExit out of call, as they do out of main.
+
+    torch's RNG state and thread count are restored afterwards (training runs seed and use them)."""
+    import cli
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    monkeypatch.setattr(torch.accelerator, 'is_available', lambda: False)
+    rng, threads = torch.get_rng_state(), torch.get_num_threads()
+    torch.set_num_threads(1)
+
+    def call(script, *args, cwd):
+        main = importlib.import_module(SCRIPT_MODULES[script]).main
+        monkeypatch.chdir(cwd)
+        monkeypatch.setattr(sys, 'argv', [str(REPO / script)])
+        capsys.readouterr()  # only what this call prints
+        args = [str(a) for a in args]
+        code = cli.run(main, args)
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess([script, *args], code, out, err)
+
+    yield call
+    torch.set_rng_state(rng)
+    torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def umask(mask):
+    """This process's umask set to mask for the block, then restored."""
+    previous = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def file_mode(path):
+    return os.stat(path).st_mode & 0o777
+
+
+def temp_files(directory):
+    """Temporary files atomic_write leaves behind if it fails to clean up."""
+    return sorted(p.name for p in Path(directory).glob('.*.tmp'))
+
+
+# ---------------------------------------------------------------- a clean failure
+
+def describe(proc):
+    return f'exit code {proc.returncode}\n--- stdout:\n{proc.stdout[-4000:]}\n--- stderr:\n{proc.stderr[-4000:]}'
+
+
+def error_line(proc, script, rc):
+    """The sentence of a clean failure: exit code rc, no traceback, and on stderr exactly one line
+    starting 'SCRIPT: error: ' (whatever else the interpreter or a package printed there)."""
+    assert proc.returncode == rc, describe(proc)
+    assert 'Traceback' not in proc.stderr and 'Traceback' not in proc.stdout, describe(proc)
+    prefix = f'{script}: error: '
+    lines = [line for line in proc.stderr.splitlines() if line.startswith(prefix)]
+    assert len(lines) == 1, describe(proc)
+    assert len(lines[0]) > len(prefix) and prefix not in proc.stdout, describe(proc)
+    return lines[0]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import data
-from conftest import REPO, write_corpus
+from conftest import REPO, file_mode, temp_files, umask, write_corpus
 
 
 def reference_tokens(paths):
@@ -236,6 +236,20 @@ def test_download_writes_all_three_files(tmp_path, monkeypatch):
         assert (dest / f'{s}.txt').read_bytes() == (src / f'{s}.txt').read_bytes()
     c = data.Corpus(str(dest))
     assert words_of(c, c.train) == ['train', 'words', 'here', '<eos>']
+
+
+@pytest.mark.parametrize('mask, mode', [(0o022, 0o644), (0o077, 0o600)])
+def test_download_writes_files_with_the_umasks_mode(mask, mode, tmp_path, monkeypatch):
+    """Downloaded splits are ordinary files (0o666 & ~umask), written atomically: no temporary file left."""
+    src, url = _source_dir(tmp_path)
+    shas = {s: hashlib.sha256((src / f'{s}.txt').read_bytes()).hexdigest() for s in data.SPLITS}
+    monkeypatch.setattr(data, 'WIKITEXT2_SHA256', shas)
+    dest = tmp_path / 'dest'
+    with umask(mask):
+        data.download_wikitext2(str(dest), url=url)
+    assert sorted(p.name for p in dest.iterdir()) == ['test.txt', 'train.txt', 'valid.txt']
+    assert {s: file_mode(dest / f'{s}.txt') for s in data.SPLITS} == {s: mode for s in data.SPLITS}
+    assert not temp_files(dest)
 
 
 def test_download_skips_files_already_present(tmp_path, monkeypatch):

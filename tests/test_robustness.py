@@ -1,7 +1,7 @@
 """Robustness of main.py, main_fp16_optimizer.py and generate.py.
 
-- bad flag values and paths fail fast: one line on stderr naming the flag and the value,
-  exit 2, no traceback, nothing written and the existing --save file untouched;
+- bad flag values and paths fail fast: one 'SCRIPT: error: ' line on stderr naming the flag and
+  the value, exit 2, no traceback, nothing written and the existing --save file untouched;
 - --resume continues a run exactly (fp32, manual fp16, FP16_Optimizer with a dynamic scale)
   and refuses, without touching anything, a run it cannot continue;
 - SIGINT / SIGTERM stop after the current batch and leave SAVE.resume; a second signal quits
@@ -12,13 +12,12 @@
 - corpora that cannot be used are refused with one clear line naming the file;
 - the same seed and flags print the same losses.
 
-Most error cases run through ForkRunner: one helper process imports torch once, then forks a
-child per case that runs the script as __main__ with its arguments, as `python3 script.py ARGS`
-does, so a case costs milliseconds instead of a torch import.
-test_fork_runner_matches_real_processes checks that its exit codes and stderr are those of
-real processes. Training runs, --resume runs and signals use real processes.
+The error cases run in this process: conftest's call_script calls cli.run(SCRIPT.main, ARGS) in
+the case's directory, which is what `python SCRIPT ARGS` runs, so a case costs milliseconds
+instead of a torch import. test_real_script_error_path checks that real processes fail the same
+way (also with a package printing warnings at start-up). Training runs, --resume runs and
+signals use real processes.
 """
-import json
 import os
 import random
 import re
@@ -33,7 +32,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ENV, REPO, run_script, structured_text
+from conftest import ENV, REPO, describe, error_line, run_script, structured_text, temp_files
 
 import checkpoint
 
@@ -48,115 +47,6 @@ TIMING_RE = re.compile(r'(ms/batch|tok/s|eta|time:) +[\d.]+s?')
 
 
 # ---------------------------------------------------------------- helpers
-
-SERVER = r'''
-import json, os, runpy, signal, sys, time, traceback
-repo = sys.argv[1]
-sys.path.insert(0, repo)
-import torch  # the expensive imports, done once: each case runs in a fork
-import checkpoint, cli, data, fp16_utils, model, training  # noqa: F401
-# The first optimizer and GradScaler cost more than a second of lazy imports: pay it here too.
-torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0, foreach=True)
-torch.amp.GradScaler('cpu', enabled=False)
-
-
-def child(req):
-    code = 1
-    try:
-        os.chdir(req['cwd'])
-        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-        for fd, path in ((1, req['out']), (2, req['err'])):
-            f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.dup2(f, fd)
-            os.close(f)
-        script = os.path.join(repo, req['script'])
-        sys.argv = [script] + req['args']
-        sys.path[0] = os.path.dirname(script)
-        try:
-            runpy.run_path(script, run_name='__main__')
-            code = 0
-        except SystemExit as e:  # what the interpreter does with SystemExit
-            if e.code is None:
-                code = 0
-            elif isinstance(e.code, int):
-                code = e.code
-            else:
-                print(e.code, file=sys.stderr)
-                code = 1
-        except BaseException:  # and with any other uncaught exception
-            traceback.print_exc()
-            code = 1
-    finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code & 0xFF)
-
-
-for line in iter(sys.stdin.readline, ''):
-    req = json.loads(line)
-    pid = os.fork()
-    if pid == 0:
-        child(req)
-    deadline = time.monotonic() + req['timeout']
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            done, status = os.waitpid(pid, 0)
-            break
-        time.sleep(0.002)
-    sys.stdout.write(json.dumps({'rc': os.waitstatus_to_exitcode(status)}) + '\n')
-    sys.stdout.flush()
-'''
-
-
-class ForkRunner:
-    """Runs a repository script in a fork of a process that has imported torch; returns a CompletedProcess."""
-
-    def __init__(self, workdir):
-        self.workdir = Path(workdir)
-        self.count = 0
-        env = dict(os.environ, PYTHONUNBUFFERED='1', CUDA_VISIBLE_DEVICES='', **ENV)
-        self.server = subprocess.Popen([sys.executable, '-c', SERVER, str(REPO)], stdin=subprocess.PIPE,
-                                       stdout=subprocess.PIPE, text=True, env=env, cwd=str(self.workdir))
-
-    def __call__(self, script, *args, cwd, timeout=120):
-        self.count += 1
-        out, err = self.workdir / f'{self.count}.out', self.workdir / f'{self.count}.err'
-        args = [str(a) for a in args]
-        request = {'script': str(script), 'args': args, 'cwd': str(cwd), 'out': str(out), 'err': str(err),
-                   'timeout': timeout}
-        self.server.stdin.write(json.dumps(request) + '\n')
-        self.server.stdin.flush()
-        reply = self.server.stdout.readline()
-        if not reply:
-            raise RuntimeError(f'the fork server died (exit code {self.server.poll()})')
-        rc = json.loads(reply)['rc']
-        return subprocess.CompletedProcess([str(script), *args], rc, out.read_text(errors='replace'),
-                                           err.read_text(errors='replace'))
-
-    def close(self):
-        self.server.stdin.close()
-        self.server.wait(timeout=30)
-
-
-def describe(proc):
-    return f'exit code {proc.returncode}\n--- stdout:\n{proc.stdout[-4000:]}\n--- stderr:\n{proc.stderr[-4000:]}'
-
-
-def error_line(proc, script, rc):
-    """The one stderr line of a clean failure with exit code rc."""
-    assert proc.returncode == rc, describe(proc)
-    assert 'Traceback' not in proc.stderr and 'Traceback' not in proc.stdout, describe(proc)
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1, describe(proc)
-    assert lines[0].startswith(f'{script}: error: '), describe(proc)
-    return lines[0]
-
 
 def snapshot(root):
     """Every file (its bytes) and directory under root."""
@@ -186,6 +76,14 @@ def progress_by_epoch(out):
             pending = []
     assert not pending, pending
     return epochs
+
+
+def header(out):
+    """The run's header line: device, precision, vocabulary, train tokens."""
+    lines = [line for line in out.splitlines() if line.startswith('| device ')]
+    assert len(lines) == 1, out
+    assert re.fullmatch(r'\| device cpu \| precision .+ \| vocabulary \d+ \| train tokens \d+', lines[0]), lines[0]
+    return lines[0]
 
 
 def end_line(out):
@@ -267,13 +165,6 @@ BAD_CHECKPOINTS = {  # kind: what the error line must say
 # ---------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope='module')
-def fast_run(tmp_path_factory):
-    runner = ForkRunner(tmp_path_factory.mktemp('fork-runner'))
-    yield runner
-    runner.close()
-
-
-@pytest.fixture(scope='module')
 def other_corpus_dir(tmp_path_factory, corpus_dir):
     """Same sizes and structure, other words: the vocabulary differs, the model's shapes do not."""
     d = tmp_path_factory.mktemp('other-corpus')
@@ -286,6 +177,11 @@ RESUME_CONFIGS = {
     'main-fp32': ('main.py', []),
     'main-fp16': ('main.py', ['--fp16']),
     'fp16opt-dynamic': ('main_fp16_optimizer.py', ['--fp16', '--dynamic-loss-scale']),
+}
+RESUME_RECIPES = {  # name: (the recipe's short name, which SAVE.resume records; its header's precision)
+    'main-fp32': ('fp32', 'precision fp32 |'),
+    'main-fp16': ('fp16-manual', 'precision fp16, manual fp32 master weights, static loss scale 128 |'),
+    'fp16opt-dynamic': ('fp16-optimizer-dynamic', 'precision fp16, FP16_Optimizer from '),
 }
 
 
@@ -334,29 +230,6 @@ def case_dir(tmp_path, best_checkpoint):
     return case
 
 
-# ---------------------------------------------------------------- the fork runner is faithful
-
-def test_fork_runner_matches_real_processes(tmp_path, fast_run, corpus_dir, case_dir):
-    (case_dir / 'notes.txt').write_text('not a checkpoint\n')
-    cases = [('main.py', ['--data', corpus_dir, *SMALL, '--lr', '-1']),
-             ('generate.py', ['--checkpoint', 'notes.txt', '--outf', 'out.txt'])]
-    for script, args in cases:
-        real = run_script(script, *args, cwd=case_dir, env=ENV)
-        forked = fast_run(script, *args, cwd=case_dir)
-        assert (forked.returncode, forked.stderr, forked.stdout) == (real.returncode, real.stderr, real.stdout)
-        assert real.returncode != 0 and real.stderr
-    # an uncaught exception: a traceback and exit code 1 in both, so 'no Traceback' checks can fail
-    crash = tmp_path / 'crash.py'
-    crash.write_text('import sys\nprint("before", flush=True)\nraise ValueError("boom " + sys.argv[1])\n')
-    real = subprocess.run([sys.executable, str(crash), "x"], cwd=str(case_dir), capture_output=True, text=True,
-                          check=False)
-    forked = fast_run(crash, 'x', cwd=case_dir)
-    for proc in (real, forked):
-        assert proc.returncode == 1 and proc.stdout == 'before\n'
-        assert proc.stderr.startswith('Traceback (most recent call last):')
-        assert proc.stderr.splitlines()[-1] == 'ValueError: boom x'
-
-
 # ---------------------------------------------------------------- bad flags fail fast
 
 BAD_TRAINING_FLAGS = [  # (flag, value); the error line must show the value as given
@@ -380,10 +253,10 @@ BAD_TRAINING_PATHS = [  # (flag, value); {corpus} is the good corpus directory
 TRAINING_SCRIPTS = {'main.py': [], 'main_fp16_optimizer.py': ['--fp16']}
 
 
-def check_bad_flag(fast_run, script, base, flag, value, case_dir, extra=()):
+def check_bad_flag(call_script, script, base, flag, value, case_dir, extra=()):
     root = case_dir.parent
     before = snapshot(root)
-    proc = fast_run(script, *base, *extra, flag, value, cwd=case_dir)
+    proc = call_script(script, *base, *extra, flag, value, cwd=case_dir)
     line = error_line(proc, script, 2)
     assert flag in line, line
     assert value in line, line
@@ -395,27 +268,37 @@ def check_bad_flag(fast_run, script, base, flag, value, case_dir, extra=()):
 @pytest.mark.parametrize('script', list(TRAINING_SCRIPTS))
 @pytest.mark.parametrize('flag, value', BAD_TRAINING_FLAGS + BAD_TRAINING_PATHS,
                          ids=[f'{f}={v}' for f, v in BAD_TRAINING_FLAGS + BAD_TRAINING_PATHS])
-def test_bad_training_flag(script, flag, value, fast_run, corpus_dir, case_dir):
+def test_bad_training_flag(script, flag, value, call_script, corpus_dir, case_dir):
     value = value.format(corpus=corpus_dir)
     base = ['--data', corpus_dir, *SMALL, '--epochs', 1, *TRAINING_SCRIPTS[script]]
-    check_bad_flag(fast_run, script, base, flag, value, case_dir)
+    check_bad_flag(call_script, script, base, flag, value, case_dir)
 
 
-def test_tied_needs_equal_sizes(fast_run, corpus_dir, case_dir):
+def test_tied_needs_equal_sizes(call_script, corpus_dir, case_dir):
     base = ['--data', corpus_dir, *SMALL, '--epochs', 1]
-    line = check_bad_flag(fast_run, 'main.py', base, '--nhid', '32', case_dir, extra=['--tied'])
+    line = check_bad_flag(call_script, 'main.py', base, '--nhid', '32', case_dir, extra=['--tied'])
     assert '--tied' in line and 'emsize 16' in line and 'nhid 32' in line, line
 
 
+def argparse_error(call_script, capsys, script, *args, cwd):
+    """Run a command line that argparse itself rejects: SystemExit(2) out of main, usage on stderr."""
+    with pytest.raises(SystemExit) as exit_:
+        call_script(script, *args, cwd=cwd)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess([script, *args], exit_.value.code, out, err)
+
+
+@pytest.mark.parametrize('script', list(TRAINING_SCRIPTS))
 @pytest.mark.parametrize('flag, value', [('--emsize', 'abc'), ('--lr', 'fast'), ('--epochs', '2.5'), ('--dropout', '')])
-def test_training_flag_not_a_number(flag, value, fast_run, corpus_dir, case_dir):
+def test_training_flag_not_a_number(flag, value, script, call_script, capsys, corpus_dir, case_dir):
     """argparse's own type errors: a usage line, then one line naming the flag and the value."""
     before = snapshot(case_dir.parent)
-    proc = fast_run('main.py', '--data', corpus_dir, *SMALL, flag, value, cwd=case_dir)
-    assert proc.returncode == 2, describe(proc)
-    assert 'Traceback' not in proc.stderr, describe(proc)
-    assert proc.stderr.splitlines()[-1] == f"main.py: error: argument {flag}: invalid " \
+    proc = argparse_error(call_script, capsys, script, '--data', corpus_dir, *SMALL, flag, value, cwd=case_dir)
+    line = error_line(proc, script, 2)
+    assert line == f"{script}: error: argument {flag}: invalid " \
         f"{'int' if flag == '--epochs' or flag == '--emsize' else 'float'} value: '{value}'"
+    assert proc.stderr.startswith('usage: '), describe(proc)
+    assert '| device' not in proc.stdout
     assert_unchanged(before, case_dir.parent)
 
 
@@ -428,10 +311,21 @@ BAD_GENERATE_FLAGS = [
 
 
 @pytest.mark.parametrize('flag, value', BAD_GENERATE_FLAGS, ids=[f'{f}={v}' for f, v in BAD_GENERATE_FLAGS])
-def test_bad_generate_flag(flag, value, fast_run, case_dir):
+def test_bad_generate_flag(flag, value, call_script, case_dir):
     (case_dir / 'out.txt').write_text('earlier output\n')
     base = ['--checkpoint', 'model.pt', '--outf', 'out.txt', '--words', 30, '--log-interval', 10]
-    check_bad_flag(fast_run, 'generate.py', base, flag, value, case_dir)
+    check_bad_flag(call_script, 'generate.py', base, flag, value, case_dir)
+
+
+@pytest.mark.parametrize('flag, value', [('--words', 'many'), ('--temperature', 'hot'), ('--seed', '1.5')])
+def test_generate_flag_not_a_number(flag, value, call_script, capsys, case_dir):
+    (case_dir / 'out.txt').write_text('earlier output\n')
+    before = snapshot(case_dir.parent)
+    proc = argparse_error(call_script, capsys, 'generate.py', '--outf', 'out.txt', flag, value, cwd=case_dir)
+    line = error_line(proc, 'generate.py', 2)
+    assert line == f"generate.py: error: argument {flag}: invalid " \
+        f"{'float' if flag == '--temperature' else 'int'} value: '{value}'"
+    assert_unchanged(before, case_dir.parent)
 
 
 # ---------------------------------------------------------------- --resume
@@ -443,7 +337,13 @@ def test_resume_continues_exactly(name, resume_runs):
     for proc in (r.full, r.first, r.second):
         assert proc.returncode == 0, describe(proc)
         assert 'Traceback' not in proc.stderr, describe(proc)
-    assert '| resuming model.pt.resume at epoch 2, batch 0' in r.second.stdout, r.second.stdout
+    resuming = '| resuming model.pt.resume at epoch 2, batch 0'
+    assert resuming in r.second.stdout.splitlines(), r.second.stdout
+    assert r.second.stdout.index(resuming) < r.second.stdout.index('| device ')  # said before the header
+    recipe, precision = RESUME_RECIPES[name]
+    assert precision in header(r.full.stdout), header(r.full.stdout)
+    assert header(r.first.stdout) == header(r.second.stdout) == header(r.full.stdout)
+    assert '| resuming' not in r.full.stdout + r.first.stdout
     full, first, second = (progress_by_epoch(p.stdout) for p in (r.full, r.first, r.second))
     assert sorted(full) == [1, 2] and sorted(first) == [1] and sorted(second) == [2], (full, first, second)
     assert sum(line.startswith('| epoch') for line in full[2]) >= 7, full[2]  # 38 batches, a line every 5
@@ -453,7 +353,13 @@ def test_resume_continues_exactly(name, resume_runs):
     for name_ in ('model.pt', 'model.pt.resume'):
         a, b = checkpoint.load(str(r.full_dir / name_)), checkpoint.load(str(r.split_dir / name_))
         assert weights_equal(a['model'], b['model']), name_
-    assert checkpoint.load(str(r.split_dir / 'model.pt.resume'))['resume']['epoch'] == 3
+    state = checkpoint.load(str(r.split_dir / 'model.pt.resume'))['resume']
+    assert state['recipe'] == recipe
+    progress = state['progress']
+    assert (progress['epoch'], progress['next_batch'], progress['hidden']) == (3, 0, None), progress
+    full_progress = checkpoint.load(str(r.full_dir / 'model.pt.resume'))['resume']['progress']
+    assert progress['best_val_loss'] == full_progress['best_val_loss']
+    assert progress['skipped'] == full_progress['skipped'] == r.full.stdout.count('| gradients are not finite')
 
 
 RESUME_MISMATCHES = {
@@ -466,13 +372,19 @@ RESUME_MISMATCHES = {
     'fp16-on-fp32-run': ('main-fp32', 'main.py', ['--fp16'], 'model.pt.resume', ['--fp16 was False, now True']),
     'fp32-on-fp16-run': ('main-fp16', 'main.py', [], 'model.pt.resume', ['--fp16 was True, now False']),
     'fp16-optimizer-on-manual-fp16-run': ('main-fp16', 'main_fp16_optimizer.py', ['--fp16'], 'model.pt.resume',
-                                          ['recipe']),  # the update steps differ, not any flag
+                                          # the update steps differ, not any flag
+                                          ['the precision recipe was fp16-manual, now fp16-optimizer-static.']),
+    'manual-fp16-on-fp16-optimizer-run': ('fp16opt-dynamic', 'main.py', ['--fp16'], 'model.pt.resume',
+                                          ['--dynamic-loss-scale was True, now False']),
+    'static-on-dynamic-run': ('fp16opt-dynamic', 'main_fp16_optimizer.py', ['--fp16'], 'model.pt.resume',
+                              ['--dynamic-loss-scale was True, now False']),
+    'amp-on-fp32-run': ('main-fp32', 'main.py', ['--amp'], 'model.pt.resume', ['--amp was False, now True']),
     'best-model-file': ('main-fp32', 'main.py', [], 'model.pt', ['best-model checkpoint', 'not a resume checkpoint']),
 }
 
 
 @pytest.mark.parametrize('name', list(RESUME_MISMATCHES))
-def test_resume_refuses_a_run_it_cannot_continue(name, tmp_path, fast_run, resume_runs, corpus_dir, other_corpus_dir):
+def test_resume_refuses_a_run_it_cannot_continue(name, tmp_path, call_script, resume_runs, corpus_dir, other_corpus_dir):
     source, script, extra, resume_file, needles = RESUME_MISMATCHES[name]
     r = resume_runs(source)
     assert r.second.returncode == 0, describe(r.second)
@@ -482,7 +394,7 @@ def test_resume_refuses_a_run_it_cannot_continue(name, tmp_path, fast_run, resum
         shutil.copy(r.split_dir / f, case / f)
     before = snapshot(tmp_path)
     extra = [str(a).format(other_corpus=other_corpus_dir) for a in extra]
-    proc = fast_run(script, '--data', corpus_dir, *SMALL, '--epochs', 5, *extra, '--resume', resume_file, cwd=case)
+    proc = call_script(script, '--data', corpus_dir, *SMALL, '--epochs', 5, *extra, '--resume', resume_file, cwd=case)
     line = error_line(proc, script, 2)
     assert resume_file in line, line
     if resume_file.endswith('.resume'):
@@ -493,13 +405,29 @@ def test_resume_refuses_a_run_it_cannot_continue(name, tmp_path, fast_run, resum
     assert_unchanged(before, tmp_path)
 
 
-def test_resume_without_the_best_model_file(tmp_path, fast_run, corpus_dir, resume_checkpoint):
+def test_resume_refuses_an_earlier_versions_resume_file(tmp_path, call_script, corpus_dir, resume_checkpoint):
+    """SAVE.resume as the version before the recipes wrote it (epoch, batch and update step at the top):
+    a sound checkpoint this version cannot continue, a usage error."""
+    ckpt = checkpoint.load(str(resume_checkpoint))
+    progress = ckpt['resume']['progress']
+    ckpt['resume'] = {'epoch': progress['epoch'], 'next_batch': 0, 'hidden': None, 'step': {'recipe': 'fp32'},
+                      'rng': ckpt['resume']['rng'], 'cuda_rng': []}
+    torch.save(ckpt, tmp_path / 'old.pt.resume')
+    before = snapshot(tmp_path)
+    proc = call_script('main.py', '--data', corpus_dir, *SMALL, '--epochs', 5, '--resume', 'old.pt.resume', cwd=tmp_path)
+    line = error_line(proc, 'main.py', 2)
+    assert 'old.pt.resume was written by an earlier version of this example and cannot be resumed.' in line, line
+    assert '| epoch' not in proc.stdout
+    assert_unchanged(before, tmp_path)
+
+
+def test_resume_without_the_best_model_file(tmp_path, call_script, corpus_dir, resume_checkpoint):
     """SAVE.resume copied alone to another directory (its run has finished 2 epochs): --resume with
     --epochs 2 has nothing left to train and tests. The best model (SAVE) is not there: that must give a
     clean result (test the resumed weights) or one clear line naming it, not a traceback."""
     shutil.copy(resume_checkpoint, tmp_path / 'model.pt.resume')
     before = snapshot(tmp_path)
-    proc = fast_run('main.py', '--data', corpus_dir, *SMALL, '--epochs', 2, '--resume', 'model.pt.resume', cwd=tmp_path)
+    proc = call_script('main.py', '--data', corpus_dir, *SMALL, '--epochs', 2, '--resume', 'model.pt.resume', cwd=tmp_path)
     assert 'Traceback' not in proc.stderr, describe(proc)
     if proc.returncode == 0:
         end_line(proc.stdout)
@@ -522,12 +450,12 @@ def test_code_payloads_are_live(kind, tmp_path):
 
 
 @pytest.mark.parametrize('kind', list(BAD_CHECKPOINTS))
-def test_generate_refuses_unusable_checkpoint(kind, tmp_path, fast_run, case_dir):
+def test_generate_refuses_unusable_checkpoint(kind, tmp_path, call_script, case_dir):
     (case_dir / 'out.txt').write_text('earlier output\n')
     marker = tmp_path / 'MARKER'
     write_bad_checkpoint(kind, case_dir / 'model.pt', case_dir / 'bad.pt', marker)
     before = snapshot(tmp_path)
-    proc = fast_run('generate.py', '--checkpoint', 'bad.pt', '--outf', 'out.txt', '--words', 30, cwd=case_dir)
+    proc = call_script('generate.py', '--checkpoint', 'bad.pt', '--outf', 'out.txt', '--words', 30, cwd=case_dir)
     line = error_line(proc, 'generate.py', 1)
     assert 'bad.pt' in line, line
     assert re.search(BAD_CHECKPOINTS[kind], line), line
@@ -536,11 +464,11 @@ def test_generate_refuses_unusable_checkpoint(kind, tmp_path, fast_run, case_dir
 
 
 @pytest.mark.parametrize('kind', [k for k in BAD_CHECKPOINTS if k != 'model-args-mismatch'])
-def test_resume_refuses_unusable_checkpoint(kind, tmp_path, fast_run, corpus_dir, case_dir, resume_checkpoint):
+def test_resume_refuses_unusable_checkpoint(kind, tmp_path, call_script, corpus_dir, case_dir, resume_checkpoint):
     marker = tmp_path / 'MARKER'
     write_bad_checkpoint(kind, resume_checkpoint, case_dir / 'bad.pt', marker)
     before = snapshot(tmp_path)
-    proc = fast_run('main.py', '--data', corpus_dir, *SMALL, '--epochs', 5, '--resume', 'bad.pt', cwd=case_dir)
+    proc = call_script('main.py', '--data', corpus_dir, *SMALL, '--epochs', 5, '--resume', 'bad.pt', cwd=case_dir)
     line = error_line(proc, 'main.py', 1)
     assert 'bad.pt' in line, line
     assert re.search(BAD_CHECKPOINTS[kind], line), line
@@ -603,12 +531,12 @@ BAD_CORPORA = {  # kind: (exit code, file named, what else the line must say)
 
 @pytest.mark.parametrize('script', list(TRAINING_SCRIPTS))
 @pytest.mark.parametrize('kind', list(BAD_CORPORA))
-def test_unusable_corpus(kind, script, tmp_path, fast_run, corpus_dir, case_dir):
+def test_unusable_corpus(kind, script, tmp_path, call_script, corpus_dir, case_dir):
     rc, split, needles = BAD_CORPORA[kind]
     bad = tmp_path / 'bad-data'
     extra = write_bad_corpus(kind, bad, corpus_dir)
     before = snapshot(tmp_path)
-    proc = fast_run(script, '--data', bad, *SMALL, '--epochs', 1, *TRAINING_SCRIPTS[script], *extra, cwd=case_dir)
+    proc = call_script(script, '--data', bad, *SMALL, '--epochs', 1, *TRAINING_SCRIPTS[script], *extra, cwd=case_dir)
     line = error_line(proc, script, rc)
     assert str(bad / f'{split}.txt') in line, line
     for needle in needles:
@@ -629,12 +557,14 @@ DIVERGING = {
 
 
 @pytest.mark.parametrize('name', list(DIVERGING))
-def test_diverging_fp32_run_stops(name, tmp_path, corpus_dir, case_dir):
+def test_diverging_fp32_run_stops(name, tmp_path, call_script, corpus_dir, case_dir):
     """The run stops in epoch 1 with 'training diverged'; the model.pt of an earlier run is untouched."""
     before = snapshot(tmp_path)
-    proc = run_script('main.py', '--data', corpus_dir, *SMALL, '--epochs', 2, *DIVERGING[name], cwd=case_dir, env=ENV)
+    proc = call_script('main.py', '--data', corpus_dir, *SMALL, '--epochs', 2, *DIVERGING[name], cwd=case_dir)
     line = error_line(proc, 'main.py', 1)
-    assert 'training diverged' in line and 'in epoch 1' in line and 'no model was saved' in line, line
+    assert line == ('main.py: error: training diverged: the loss or the gradients became inf or NaN in epoch 1 '
+                    'with lr 1e+38 (try a smaller --lr); no model was saved.'), line
+    assert '| device cpu | precision fp32' in proc.stdout  # it did train
     assert '| end of epoch' not in proc.stdout
     assert_unchanged(before, tmp_path)
 
@@ -681,18 +611,19 @@ def test_signal_stops_after_the_batch(signame, expected_rc, tmp_path, corpus_dir
     out = done.stdout
     assert done.returncode == expected_rc, describe(done)
     assert 'Traceback' not in out + done.stderr and 'KeyboardInterrupt' not in out + done.stderr, describe(done)
-    assert done.stderr == '', describe(done)
+    assert ': error: ' not in done.stderr, describe(done)
     assert f'| {signame}: stopping after this batch' in out
     assert 'Exiting from training early; continue with --resume model.pt.resume' in out
     end_line(out)
-    assert not list(tmp_path.glob('.*.tmp'))
+    assert not temp_files(tmp_path)
 
     ckpt = checkpoint.load(str(tmp_path / 'model.pt.resume'))
-    state = ckpt['resume']
+    state = ckpt['resume']['progress']
     finished = out.count('| end of epoch')
     assert state['epoch'] == finished + 1 and finished < 1000, (state['epoch'], state['next_batch'], out)
     if state['next_batch']:  # stopped inside an epoch: the last batch trained is logged
         assert re.search(rf'^\| epoch +{state["epoch"]} \| +{state["next_batch"]}/', out, re.MULTILINE), out
+        assert state['hidden'] is not None  # the RNN state carried into the next batch
     best = checkpoint.load(str(tmp_path / 'model.pt'))
     valid = [float(v) for v in re.findall(r'\| valid loss +(\d+\.\d+)', out)]
     assert best['best_val_loss'] == pytest.approx(min(valid), abs=0.006)
@@ -708,7 +639,7 @@ def test_signal_stops_after_the_batch(signame, expected_rc, tmp_path, corpus_dir
         assert logged and logged[0] > batch and '| epoch' not in cont.stdout.split(f'| end of epoch {epoch:3d}')[1]
         assert cont.stdout.count('| end of epoch') == 1
         end_line(cont.stdout)
-        after = checkpoint.load(str(tmp_path / 'model.pt.resume'))['resume']
+        after = checkpoint.load(str(tmp_path / 'model.pt.resume'))['resume']['progress']
         assert (after['epoch'], after['next_batch']) == (epoch + 1, 0)
 
 
@@ -750,7 +681,7 @@ def test_second_signal_quits_at_once_leaving_whole_files(when, tmp_path, long_te
 
 # ---------------------------------------------------------------- reproducibility
 
-def test_same_seed_same_losses(tmp_path, fast_run, corpus_dir, resume_runs):
+def test_same_seed_same_losses(tmp_path, call_script, corpus_dir, resume_runs):
     """Two runs with the same seed and flags print the same losses; another seed prints others."""
     reference = resume_runs('main-fp32').full
     assert reference.returncode == 0, describe(reference)
@@ -762,6 +693,94 @@ def test_same_seed_same_losses(tmp_path, fast_run, corpus_dir, resume_runs):
     assert end_line(again.stdout) == end_line(reference.stdout)
 
     (tmp_path / 'seed2').mkdir()
-    other = fast_run('main.py', '--data', corpus_dir, *SMALL, '--epochs', 2, '--seed', 2, cwd=tmp_path / 'seed2')
+    other = call_script('main.py', '--data', corpus_dir, *SMALL, '--epochs', 2, '--seed', 2, cwd=tmp_path / 'seed2')
     assert other.returncode == 0, describe(other)
     assert progress_by_epoch(other.stdout) != ref_lines
+
+
+# ---------------------------------------------------------------- real processes fail the same way
+
+# What a package may print on stderr whenever Python starts (torch without numpy says this).
+STARTUP_NOISE = ('/usr/lib/python3/site-packages/torch/_subclasses/functional_tensor.py:279: UserWarning: '
+                 'Failed to initialize NumPy: No module named \'numpy\' (Triggered internally at '
+                 '/pytorch/torch/csrc/utils/tensor_numpy.cpp:81.)\n'
+                 '  cpu = _conversion_method_template(device=torch.device("cpu"))\n')
+
+
+@pytest.fixture(scope='module')
+def noisy_env(tmp_path_factory):
+    """Environment for run_script that makes every Python start-up print STARTUP_NOISE on stderr:
+    a sitecustomize.py in a directory put first on PYTHONPATH."""
+    d = tmp_path_factory.mktemp('startup-noise')
+    (d / 'sitecustomize.py').write_text(f'import sys\nsys.stderr.write({STARTUP_NOISE!r})\nsys.stderr.flush()\n')
+    pythonpath = os.pathsep.join(p for p in (str(d), os.environ.get('PYTHONPATH')) if p)
+    return dict(ENV, PYTHONPATH=pythonpath)
+
+
+def run_real(script, args, cwd, noisy_env, noisy):
+    proc = run_script(script, *args, cwd=cwd, env=noisy_env if noisy else ENV)
+    assert (STARTUP_NOISE in proc.stderr) == noisy, describe(proc)  # the noise is there, or not, as asked
+    return proc
+
+
+REAL_ERROR_CASES = {
+    # name: (script, arguments ({corpus}: the good corpus, {bad}: one whose test.txt is not UTF-8),
+    #        exit code, a regular expression the error line must match)
+    'main-flag': ('main.py', ['--data', '{corpus}', *SMALL, '--lr', '-1'], 2,
+                  r'--lr must be a positive number \(got -1\)\.$'),
+    'main-argparse': ('main.py', ['--data', '{corpus}', *SMALL, '--emsize', 'abc'], 2,
+                      r"argument --emsize: invalid int value: 'abc'$"),
+    'main-cuda': ('main.py', ['--data', '{corpus}', *SMALL, '--cuda'], 2,
+                  r'--cuda was given but no CUDA device is available\.$'),
+    'main-resume-best-model': ('main.py', ['--data', '{corpus}', *SMALL, '--resume', 'model.pt'], 2,
+                               r'model\.pt is a best-model checkpoint, not a resume checkpoint'),
+    'fp16opt-corpus': ('main_fp16_optimizer.py', ['--data', '{bad}', *SMALL, '--fp16'], 1,
+                       r'bad-data/test\.txt is not UTF-8 text \(bad byte at offset 9\)\.$'),
+    'fp16opt-flag': ('main_fp16_optimizer.py', ['--data', '{corpus}', *SMALL, '--fp16', '--static-loss-scale', '0'], 2,
+                     r'--static-loss-scale must be a positive number \(got 0\)\.$'),
+    'generate-checkpoint': ('generate.py', ['--checkpoint', 'notes.txt', '--outf', 'out.txt'], 1,
+                            r'notes\.txt is (truncated, )?corrupt or not a PyTorch checkpoint\.$'),
+    'generate-flag': ('generate.py', ['--temperature', '0', '--outf', 'out.txt'], 2,
+                      r'--temperature must be a finite number of at least 1e-3 \(got 0\)\.$'),
+}
+
+
+@pytest.mark.parametrize('name, noisy', [(name, False) for name in REAL_ERROR_CASES]
+                         + [('main-flag', True), ('fp16opt-corpus', True), ('generate-checkpoint', True)])
+def test_real_script_error_path(name, noisy, tmp_path, call_script, capsys, corpus_dir, case_dir, noisy_env):
+    """The script run as a process: its exit code, its one 'SCRIPT: error: ' line and no traceback,
+    whatever else Python prints at start-up; the same code and line as cli.run in this process."""
+    script, args, rc, pattern = REAL_ERROR_CASES[name]
+    write_bad_corpus('not-utf8', tmp_path / 'bad-data', corpus_dir)
+    (case_dir / 'notes.txt').write_text('not a checkpoint\n')
+    args = [str(a).format(corpus=corpus_dir, bad=tmp_path / 'bad-data') for a in args]
+    before = snapshot(tmp_path)
+    real = run_real(script, args, case_dir, noisy_env, noisy)
+    line = error_line(real, script, rc)
+    assert re.search(pattern, line), line
+    assert '| epoch' not in real.stdout
+    assert_unchanged(before, tmp_path)
+    if name.endswith('argparse'):
+        here = argparse_error(call_script, capsys, script, *args, cwd=case_dir)
+    else:
+        here = call_script(script, *args, cwd=case_dir)
+    assert error_line(here, script, rc) == line
+    assert_unchanged(before, tmp_path)
+
+
+def assert_trained(proc, cwd):
+    """A clean training run of main.py with SMALL and --epochs 1."""
+    assert proc.returncode == 0, describe(proc)
+    assert 'Traceback' not in proc.stdout + proc.stderr and ': error: ' not in proc.stderr, describe(proc)
+    assert header(proc.stdout).startswith('| device cpu | precision fp32 |')
+    assert sorted(progress_by_epoch(proc.stdout)) == [1]
+    end_line(proc.stdout)
+    assert sorted(p.name for p in cwd.iterdir()) == ['model.pt', 'model.pt.resume']
+    checkpoint.load_model(str(cwd / 'model.pt'))
+    assert checkpoint.load(str(cwd / 'model.pt.resume'))['resume']['progress']['epoch'] == 2
+
+
+@pytest.mark.parametrize('noisy', [False, True])
+def test_real_training_run_with_startup_noise(noisy, tmp_path, corpus_dir, noisy_env):
+    proc = run_real('main.py', ['--data', corpus_dir, *SMALL, '--epochs', 1], tmp_path, noisy_env, noisy)
+    assert_trained(proc, tmp_path)

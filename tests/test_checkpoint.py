@@ -1,0 +1,79 @@
+"""checkpoint.atomic_write and checkpoint.save: whole files only, with an ordinary file's permissions."""
+import os
+
+import pytest
+import torch
+
+import checkpoint
+from conftest import file_mode, temp_files, umask
+
+
+@pytest.mark.parametrize('mask, mode', [(0o022, 0o644), (0o077, 0o600), (0o027, 0o640), (0o002, 0o664)])
+def test_atomic_write_follows_the_umask(mask, mode, tmp_path):
+    """0o666 & ~umask, as open() gives a new file (mkstemp would give 0600 whatever the umask)."""
+    path = tmp_path / 'out.txt'
+    with umask(mask):
+        with checkpoint.atomic_write(str(path), 'w', encoding='utf-8') as f:
+            f.write('héllo\n')
+        assert file_mode(path) == mode
+        checkpoint.save({'format': checkpoint.FORMAT, 'x': torch.arange(3)}, str(tmp_path / 'model.pt'))
+        assert file_mode(tmp_path / 'model.pt') == mode
+    assert path.read_text(encoding='utf-8') == 'héllo\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['model.pt', 'out.txt']
+
+
+def current_umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def test_umask_helper_restores_the_umask():
+    before = current_umask()
+    with umask(0o077 if before != 0o077 else 0o027):
+        assert current_umask() != before
+    assert current_umask() == before
+    with pytest.raises(RuntimeError):
+        with umask(0o077):
+            raise RuntimeError
+    assert current_umask() == before
+
+
+def test_atomic_write_replaces_the_file_only_when_the_block_ends(tmp_path):
+    path = tmp_path / 'model.pt'
+    path.write_bytes(b'old')
+    with checkpoint.atomic_write(str(path)) as f:
+        f.write(b'new contents')
+        f.flush()
+        assert path.read_bytes() == b'old'  # the new bytes go to a temporary file beside it
+        assert len(temp_files(tmp_path)) == 1
+    assert path.read_bytes() == b'new contents'
+    assert not temp_files(tmp_path)
+
+
+@pytest.mark.parametrize('error', [RuntimeError('disk full'), KeyboardInterrupt()])
+def test_atomic_write_failure_keeps_the_old_file_and_leaves_no_temporary(error, tmp_path):
+    path = tmp_path / 'generated.txt'
+    path.write_text('earlier output\n')
+    with pytest.raises(type(error)):
+        with checkpoint.atomic_write(str(path), 'w') as f:
+            f.write('half of the new ')
+            raise error
+    assert path.read_text() == 'earlier output\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['generated.txt']
+
+
+def test_atomic_write_failure_without_an_old_file_leaves_nothing(tmp_path):
+    with pytest.raises(ValueError):
+        with checkpoint.atomic_write(str(tmp_path / 'model.pt')):
+            raise ValueError('pickling failed')
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_write_relative_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with umask(0o022):
+        with checkpoint.atomic_write('out.bin') as f:
+            f.write(b'x')
+    assert (tmp_path / 'out.bin').read_bytes() == b'x' and file_mode(tmp_path / 'out.bin') == 0o644
+    assert not temp_files(tmp_path)

@@ -1,0 +1,82 @@
+"""cli.run: the one place errors become an exit code and one 'SCRIPT: error: ' line."""
+import sys
+
+import pytest
+
+import checkpoint
+import cli
+import data
+import recipes
+
+ERRORS = [  # (exception, exit code)
+    (cli.UsageError('--lr must be a positive number (got -1).'), 2),
+    (checkpoint.CannotResume('cannot resume from model.pt.resume: --nhid was 16, now 32.'), 2),
+    (data.DataError('data/train.txt has no tokens.'), 1),
+    (checkpoint.CheckpointError('model.pt is corrupt or not a PyTorch checkpoint.'), 1),
+    (recipes.TrainingDiverged('training diverged: the loss became inf in epoch 1 (try a smaller --lr).'), 1),
+]
+
+
+@pytest.fixture
+def script_path(monkeypatch):
+    """sys.argv[0] as `python /some/dir/train.py` sets it: errors name the script's basename."""
+    monkeypatch.setattr(sys, 'argv', ['/some/dir/train.py', '--ignored'])
+
+
+@pytest.mark.parametrize('error, code', ERRORS, ids=[type(e).__name__ for e, _ in ERRORS])
+def test_error_kinds_map_to_exit_codes(error, code, script_path, capsys):
+    def main(argv):
+        print('working', flush=True)
+        raise error
+
+    assert cli.run(main, ['--x']) == code
+    out, err = capsys.readouterr()
+    assert out == 'working\n'  # what main printed before is kept, and the error goes to stderr only
+    assert err == f'train.py: error: {error}\n'
+
+
+def test_cannot_resume_is_a_usage_error_though_a_checkpoint_error(script_path, capsys):
+    """CannotResume subclasses CheckpointError (exit 1) but is a command line that cannot work (exit 2)."""
+    assert issubclass(checkpoint.CannotResume, checkpoint.CheckpointError)
+
+    def main(argv):
+        raise checkpoint.CannotResume('x.resume is a best-model checkpoint.')
+
+    assert cli.run(main) == 2
+    assert capsys.readouterr().err == 'train.py: error: x.resume is a best-model checkpoint.\n'
+
+
+@pytest.mark.parametrize('returned, code', [(None, 0), (0, 0), (143, 143), (130, 130)])
+def test_what_main_returns_is_the_exit_code(returned, code, script_path, capsys):
+    seen = []
+
+    def main(argv):
+        seen.append(argv)
+        return returned
+
+    assert cli.run(main, ['--epochs', '1']) == code
+    assert seen == [['--epochs', '1']]
+    assert cli.run(main) == code  # argv None: main parses sys.argv[1:] itself
+    assert seen[-1] is None
+    assert capsys.readouterr().err == ''
+
+
+@pytest.mark.parametrize('error', [ValueError('a bug'), KeyError('k'), KeyboardInterrupt()])
+def test_other_exceptions_propagate(error, script_path, capsys):
+    """Only the errors worded for the user become a line: a bug keeps its traceback."""
+    def main(argv):
+        raise error
+
+    with pytest.raises(type(error)):
+        cli.run(main)
+    assert capsys.readouterr().err == ''
+
+
+def test_system_exit_passes_through(script_path):
+    """argparse's errors (and a second Ctrl-C) exit from inside main with their own code."""
+    def main(argv):
+        sys.exit(130)
+
+    with pytest.raises(SystemExit) as e:
+        cli.run(main)
+    assert e.value.code == 130

@@ -1,0 +1,157 @@
+"""training.py's loop, in this process: it counts and reports skipped updates (the recipes only
+return False), and SAVE.resume round-trips its progress through checkpoint.save_resume/load_resume."""
+import argparse
+import contextlib
+import dataclasses
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import checkpoint
+import data
+import recipes
+import training
+from model import RNNModel
+
+NTOKEN = 24
+
+
+class SkippingRecipe:
+    """SGD that skips the updates of the given (1-based) steps, halving its loss scale as it does."""
+
+    name = 'skipping'
+
+    def __init__(self, model, skip, loss_scale=64.0):
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        self.skip, self.calls, self.loss_scale = set(skip), 0, loss_scale
+
+    def autocast(self):
+        return contextlib.nullcontext()
+
+    def step(self, loss):
+        self.calls += 1
+        loss.backward()
+        if self.calls in self.skip:
+            self.optimizer.zero_grad()
+            if self.loss_scale is not None:
+                self.loss_scale /= 2
+            return False
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        return True
+
+
+def tiny_run(nbatches=6, log_interval=2):
+    torch.manual_seed(0)
+    args = argparse.Namespace(batch_size=2, bptt=3, log_interval=log_interval)
+    stream = torch.randint(NTOKEN, (2 * (3 * nbatches + 1),))
+    train_data = data.batchify(stream, 2)
+    model = RNNModel('LSTM', NTOKEN, 8, 8, 1, dropout=0.0)
+    run = SimpleNamespace(args=args, model=model, train_data=train_data, device=torch.device('cpu'),
+                          batch_starts=range(0, train_data.size(0) - 1, args.bptt))
+    assert len(run.batch_starts) == nbatches
+    return run
+
+
+def periodic_skips(out):
+    return [int(n) for n in re.findall(r'^\| epoch +\d+ \| .* \| skipped (\d+)$', out, re.M)]
+
+
+@pytest.mark.parametrize('loss_scale', [64.0, None])
+def test_train_epoch_counts_and_reports_skipped_updates(loss_scale, capsys):
+    run = tiny_run()
+    recipe = SkippingRecipe(run.model, skip={2, 3, 6}, loss_scale=loss_scale)
+    progress = training.Progress(epoch=4, skipped=5)  # 5 skipped in earlier epochs
+    training.train_epoch(run, recipe, progress, SimpleNamespace(requested=False))
+    out = capsys.readouterr().out
+    skips = [line for line in out.splitlines() if line.startswith('| gradients are not finite')]
+    if loss_scale is None:
+        assert skips == [f'| gradients are not finite: update skipped ({n} so far)' for n in (6, 7, 8)]
+    else:  # the scale after the skip
+        assert skips == [f'| gradients are not finite: update skipped ({n} so far, loss scale now {s:g})'
+                         for n, s in ((6, 32.0), (7, 16.0), (8, 8.0))]
+    assert progress.skipped == 8
+    # the periodic lines count this epoch's skips so far
+    assert periodic_skips(out) == [1, 2, 3]
+    assert all(line.startswith('| epoch   4 |') for line in out.splitlines() if line.startswith('| epoch'))
+    assert (progress.next_batch, progress.epoch) == (6, 4)
+
+
+def test_train_epoch_without_skips_counts_none(capsys):
+    run = tiny_run()
+    progress = training.Progress()
+    training.train_epoch(run, SkippingRecipe(run.model, skip=()), progress, SimpleNamespace(requested=False))
+    out = capsys.readouterr().out
+    assert 'not finite' not in out
+    assert progress.skipped == 0 and periodic_skips(out) == [0, 0, 0]
+
+
+def test_train_epoch_stops_when_asked_and_continues_from_next_batch(capsys):
+    """A stop request ends the epoch after the current batch (logging it); train_epoch with the same
+    progress continues from the next batch and carries the hidden state and the skip count on."""
+    run = tiny_run(log_interval=100)
+    recipe = SkippingRecipe(run.model, skip={1})
+    progress = training.Progress()
+    stop = SimpleNamespace(requested=False)
+    calls = []
+    original = training.train_batch
+
+    def train_batch(*args):
+        calls.append(args[2].clone())
+        if len(calls) == 2:
+            stop.requested = True
+        return original(*args)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(training, 'train_batch', train_batch)
+        training.train_epoch(run, recipe, progress, stop)
+        assert progress.next_batch == 2 and progress.hidden is not None and progress.skipped == 1
+        out = capsys.readouterr().out
+        assert re.search(r'^\| epoch +1 \| +2/ +6 batches .* \| skipped 1$', out, re.M), out
+        stop.requested = False
+        training.train_epoch(run, recipe, progress, stop)
+    assert progress.next_batch == 6 and progress.skipped == 1
+    assert len(calls) == 6
+    expected = [data.get_batch(run.train_data, i, 3)[0] for i in run.batch_starts]
+    assert all(torch.equal(a, b) for a, b in zip(calls, expected))
+
+
+def test_save_resume_round_trip(tmp_path):
+    """load_resume restores the model, the recipe's state, the RNG and the loop's progress as saved."""
+    torch.manual_seed(0)
+    model = RNNModel('LSTM', NTOKEN, 8, 8, 1, dropout=0.0)
+    dictionary = data.Dictionary()
+    for i in range(NTOKEN):
+        dictionary.add_word(f'w{i}')
+    args = argparse.Namespace(model='LSTM', emsize=8, nhid=8, nlayers=1, tied=False, batch_size=2, bptt=3,
+                              fp16=False, amp=True, bf16=False)
+    recipe = recipes.AutocastRecipe(model, 0.5, 1.0, torch.float16)
+    recipe.scaler.scale(torch.ones(()))  # (GradScaler makes its scale on first use)
+    recipe.scaler.update(1024.0)
+    hidden = model.init_hidden(2)
+    progress = training.Progress(epoch=3, next_batch=4, hidden=hidden, best_val_loss=2.5, skipped=7)
+    path = str(tmp_path / 'model.pt.resume')
+    checkpoint.save_resume(path, model, dictionary, args, recipe, dataclasses.asdict(progress))
+    rng_after_save = torch.get_rng_state()
+    expected_draw = torch.rand(3)
+
+    torch.manual_seed(1)
+    other = RNNModel('LSTM', NTOKEN, 8, 8, 1, dropout=0.0)
+    other_recipe = recipes.AutocastRecipe(other, 2.0, 1.0, torch.float16)
+    restored = checkpoint.load_resume(path, other, dictionary, args, other_recipe)
+    assert torch.equal(torch.get_rng_state(), rng_after_save) and torch.equal(torch.rand(3), expected_draw)
+    assert restored.keys() == {f.name for f in dataclasses.fields(training.Progress)}
+    assert training.Progress(**restored).skipped == 7
+    assert (restored['epoch'], restored['next_batch'], restored['best_val_loss']) == (3, 4, 2.5)
+    assert all(torch.equal(a, b) for a, b in zip(restored['hidden'], hidden))
+    assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), model.state_dict().values()))
+    assert other_recipe.loss_scale == 1024.0 and other_recipe.optimizer.param_groups[0]['lr'] == 0.5
+    ckpt = checkpoint.load(path)
+    assert ckpt['resume']['recipe'] == 'amp' and ckpt['best_val_loss'] == 2.5
+
+    # the same flags with another recipe: refused, with both short names
+    bf16 = recipes.AutocastRecipe(other, 0.5, 1.0, torch.bfloat16)
+    with pytest.raises(checkpoint.CannotResume, match=r'the precision recipe was amp, now bf16\.$'):
+        checkpoint.load_resume(path, other, dictionary, args, bf16)
