@@ -29,15 +29,16 @@ def atomic_write(path, mode='wb', **open_args):
     """
     directory, name = os.path.split(os.path.abspath(path))
     tmp = os.path.join(directory, f'.{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp')
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666 & ~umask, as open() does
     try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666 & ~umask, as open() does
         with os.fdopen(fd, mode, **open_args) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
+    except BaseException:  # also a second Ctrl-C, which may come after the rename
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
         raise
 
 

@@ -18,19 +18,20 @@ class UsageError(Exception):
     """A flag or path on the command line that cannot work (exit code 2)."""
 
 
-def run(main, argv=None):
+def run(main, argv=None, prog=None):
     """Call main(argv) and return the exit code: what main returns, 2 for a command line that
     cannot work, 1 for unusable files or a run that failed, each with its one-sentence error."""
     try:
         return main(argv) or 0
     except (UsageError, checkpoint.CannotResume) as e:
-        return report_error(e, 2)
+        return report_error(e, 2, prog)
     except (data.DataError, checkpoint.CheckpointError, recipes.TrainingDiverged) as e:
-        return report_error(e, 1)
+        return report_error(e, 1, prog)
 
 
-def report_error(error, code):
-    print(f'{os.path.basename(sys.argv[0])}: error: {error}', file=sys.stderr, flush=True)
+def report_error(error, code, prog=None):
+    """Print 'PROG: error: ERROR' (PROG: the script's file name by default) and return code."""
+    print(f'{prog or os.path.basename(sys.argv[0])}: error: {error}', file=sys.stderr, flush=True)
     return code
 
 

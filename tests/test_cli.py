@@ -80,3 +80,12 @@ def test_system_exit_passes_through(script_path):
     with pytest.raises(SystemExit) as e:
         cli.run(main)
     assert e.value.code == 130
+
+
+def test_prog_names_a_module_run_with_dash_m(script_path, capsys):
+    """Under `python3 -m benchmarks.recipes` argv[0] is a file path; prog names the command instead."""
+    def main(argv):
+        raise cli.UsageError('--steps must be at least 1 (got 0).')
+
+    assert cli.run(main, [], prog='python3 -m benchmarks.recipes') == 2
+    assert capsys.readouterr().err == 'python3 -m benchmarks.recipes: error: --steps must be at least 1 (got 0).\n'

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One epoch of the 200-unit LSTM on the first 3000 lines of WikiText-2 train (600 of valid
 # and test) with every recipe, one after the other in one run, logs in OUT_DIR.
-#   bash scripts/subset_runs.sh WIKITEXT2_DIR OUT_DIR [recipe ...]
+#   bash benchmarks/subset_runs.sh WIKITEXT2_DIR OUT_DIR [recipe ...]   (from the repository root)
 set -euo pipefail
+[ -f main.py ] && [ -d benchmarks ] || { echo "$0: run this from the repository root" >&2; exit 2; }
 src=${1:?WikiText-2 directory}; out=${2:?output directory}; shift 2
 recipes=${*:-fp32 fp16 opt-static opt-dynamic amp bf16}
 mkdir -p "$out/data"

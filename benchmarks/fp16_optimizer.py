@@ -1,17 +1,21 @@
 """Time one FP16_Optimizer update (master grads, unscale, overflow check, clip, step, copy back)
 against the same update done parameter by parameter with one host sync per parameter, as apex did.
+Run from the repository root:
 
-    python benchmark_fp16_optimizer.py            # the seed's 1504/1504 LSTM, vocab 33,280
-    python benchmark_fp16_optimizer.py --cuda --steps 50
+    python3 -m benchmarks.fp16_optimizer            # apex's model: 1504/1504 LSTM, vocab 33,280
+    python3 -m benchmarks.fp16_optimizer --cuda --steps 50
 """
 import argparse
+import sys
 import time
 
 import torch
 
-from cli import add_device_flags, select_device
+import cli
 from fp16_utils import FP16_Optimizer
 from model import RNNModel
+
+PROG = 'python3 -m benchmarks.fp16_optimizer'
 
 
 class PerParameterSync:
@@ -50,15 +54,19 @@ def time_updates(update, grads_to_model, steps, device):
     return 1000 * (time.perf_counter() - start) / steps
 
 
-def main():
-    p = argparse.ArgumentParser(description='Time one fp16 optimizer update, fused against per-parameter sync.')
-    p.add_argument('--emsize', type=int, default=1504)
-    p.add_argument('--nhid', type=int, default=1504)
-    p.add_argument('--ntokens', type=int, default=33280)
-    p.add_argument('--steps', type=int, default=10)
-    add_device_flags(p)
-    args = p.parse_args()
-    device = select_device(args)
+def main(argv=None):
+    p = argparse.ArgumentParser(prog=PROG,
+                                description='Time one fp16 optimizer update, fused against per-parameter sync.')
+    p.add_argument('--emsize', type=int, default=1504, help='word embedding width')
+    p.add_argument('--nhid', type=int, default=1504, help='hidden state width of each of the 2 LSTM layers')
+    p.add_argument('--ntokens', type=int, default=33280, help='vocabulary size')
+    p.add_argument('--steps', type=int, default=10, help='timed updates of each kind, per round (after 3 untimed)')
+    cli.add_device_flags(p)
+    args = p.parse_args(argv)
+    for flag in ('emsize', 'nhid', 'ntokens', 'steps'):
+        if getattr(args, flag) < 1:
+            raise cli.UsageError(f'--{flag} must be at least 1 (got {getattr(args, flag)}).')
+    device = cli.select_device(args)
     torch.manual_seed(0)
     model = RNNModel('LSTM', args.ntokens, args.emsize, args.nhid, 2).to(device).half()
     params = [p for p in model.parameters()]
@@ -86,7 +94,8 @@ def main():
         print(f'| FP16_Optimizer {ours[-1]:8.2f} ms/update | per-parameter sync {theirs[-1]:8.2f} ms/update', flush=True)
     print(f'| best: FP16_Optimizer {min(ours):.2f} ms, per-parameter sync {min(theirs):.2f} ms, '
           f'speed-up {min(theirs) / min(ours):.2f}x')
+    return 0
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(cli.run(main, prog=PROG))

@@ -1,8 +1,10 @@
 """Time one training step (and the evaluation pass) of every precision recipe.
 
-    python benchmark.py                 # the seed's model: LSTM 1504/1504, batch 24, bptt 35, vocab 33,280
-    python benchmark.py --small         # LSTM 200/200, batch 20
-    python benchmark.py --cuda --json results/h100.json
+Run from the repository root:
+
+    python3 -m benchmarks.recipes               # apex's model: LSTM 1504/1504, batch 24, bptt 35, vocab 33,280
+    python3 -m benchmarks.recipes --small       # LSTM 200/200, batch 20
+    python3 -m benchmarks.recipes --cuda --json benchmarks/results/h100.json
 
 Each recipe builds a fresh model with the same seed and runs the same training
 step code as the scripts (training.train_batch with the recipe's update step):
@@ -20,28 +22,34 @@ import resource
 import subprocess
 import sys
 import time
-from types import SimpleNamespace
 
 import torch
 
+import cli
 import data
+import recipes
 import training
-from cli import add_device_flags, select_device
-from main import ManualFP16Step
-from main_fp16_optimizer import FP16OptimizerStep
+from benchmarks import cpu_model
+from main import ManualFP16Recipe
+from main_fp16_optimizer import FP16OptimizerRecipe
 from model import RNNModel, repackage_hidden
 
-# recipe -> (update step, flags). 'fp32-classic' is the reference: the step written
-# the classic way (model.zero_grad, clip, p.data.add_ in a Python loop).
+PROG = 'python3 -m benchmarks.recipes'
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Benchmark name -> recipe(model, cfg). Each name is the recipe's .name, except two:
+# 'fp32-classic' (None), the reference, is the step written the classic way (model.zero_grad,
+# clip, p.data.add_ in a Python loop); 'fp32-tf32' is the fp32 recipe with TF32 allowed on CUDA.
 RECIPES = {
-    'fp32-classic': (None, {}),
-    'fp32': (training.SGDStep, {}),
-    'fp32-tf32': (training.SGDStep, {}),
-    'fp16-manual': (ManualFP16Step, {'fp16': True}),
-    'fp16-optimizer-static': (FP16OptimizerStep, {'fp16': True}),
-    'fp16-optimizer-dynamic': (FP16OptimizerStep, {'fp16': True, 'dynamic_loss_scale': True}),
-    'amp': (training.SGDStep, {'amp': True}),
-    'bf16': (training.SGDStep, {'bf16': True}),
+    'fp32-classic': None,
+    'fp32': lambda model, cfg: recipes.AutocastRecipe(model, cfg.lr, cfg.clip),
+    'fp32-tf32': lambda model, cfg: recipes.AutocastRecipe(model, cfg.lr, cfg.clip),
+    'fp16-manual': lambda model, cfg: ManualFP16Recipe(model, cfg.lr, cfg.clip, cfg.static_loss_scale),
+    'fp16-optimizer-static': lambda model, cfg: FP16OptimizerRecipe(model, cfg.lr, cfg.clip, cfg.static_loss_scale),
+    'fp16-optimizer-dynamic': lambda model, cfg: FP16OptimizerRecipe(model, cfg.lr, cfg.clip, cfg.static_loss_scale,
+                                                                     dynamic_loss_scale=True),
+    'amp': lambda model, cfg: recipes.AutocastRecipe(model, cfg.lr, cfg.clip, torch.float16),
+    'bf16': lambda model, cfg: recipes.AutocastRecipe(model, cfg.lr, cfg.clip, torch.bfloat16),
 }
 MATH = {'fp32-classic': 'fp32', 'fp32': 'fp32', 'fp32-tf32': 'tf32', 'amp': 'fp16', 'bf16': 'bf16',
         'fp16-manual': 'fp16', 'fp16-optimizer-static': 'fp16', 'fp16-optimizer-dynamic': 'fp16'}
@@ -86,11 +94,11 @@ def classic_step(model, cfg):
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
         for p in model.parameters():
             p.data.add_(p.grad, alpha=-cfg.lr)
-        return loss.detach(), hidden
+        return loss.detach(), hidden, True
     return step
 
 
-def profile_steps(recipe, step, train_data, hidden, cfg, device, steps=3):
+def profile_steps(name, step, train_data, hidden, cfg, device, steps=3):
     """Print where a few steps spend their time, and how many host syncs (.item()) they make."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == 'cuda':
@@ -98,54 +106,52 @@ def profile_steps(recipe, step, train_data, hidden, cfg, device, steps=3):
     with torch.profiler.profile(activities=activities) as prof:
         for n in range(steps):
             inputs, targets = data.get_batch(train_data, n * cfg.bptt, cfg.bptt)
-            _, hidden = step(inputs, targets, hidden)
+            _, hidden, _ = step(inputs, targets, hidden)
         sync(device)
     events = prof.key_averages()
     syncs = sum(e.count for e in events if e.key == 'aten::_local_scalar_dense') / steps
     sort = 'self_device_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
-    print(f'| profile of {recipe}, {steps} steps, {syncs:g} host syncs (.item()) per step', flush=True)
+    print(f'| profile of {name}, {steps} steps, {syncs:g} host syncs (.item()) per step', flush=True)
     print(events.table(sort_by=sort, row_limit=12, max_name_column_width=60), flush=True)
 
 
-def measure(recipe, cfg, device, tokens):
-    """Time cfg.steps training steps of recipe after cfg.warmup, then the evaluation pass."""
-    make_step, flags = RECIPES[recipe]
+def measure(name, cfg, device, tokens):
+    """Time cfg.steps training steps of recipe `name` after cfg.warmup, then the evaluation pass."""
     if device.type == 'cuda':
-        tf32 = recipe == 'fp32-tf32'
+        tf32 = name == 'fp32-tf32'
         torch.backends.cuda.matmul.allow_tf32 = tf32
         torch.backends.cudnn.allow_tf32 = tf32
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(cfg.seed)
     model = RNNModel(cfg.model, cfg.ntokens, cfg.emsize, cfg.nhid, cfg.nlayers, cfg.dropout).to(device)
-    args = SimpleNamespace(**{'lr': cfg.lr, 'clip': cfg.clip, 'static_loss_scale': cfg.static_loss_scale,
-                              'fp16': False, 'amp': False, 'bf16': False, 'dynamic_loss_scale': False, **flags})
-    if make_step is None:
-        stepper, step = None, classic_step(model, cfg)
+    if RECIPES[name] is None:
+        recipe, step = None, classic_step(model, cfg)
     else:
-        stepper = make_step(model, args)
+        recipe = RECIPES[name](model, cfg)
         def step(inputs, targets, hidden):
-            return training.train_batch(model, stepper, inputs, targets, hidden)
+            return training.train_batch(model, recipe, inputs, targets, hidden)
     train_data = data.batchify(tokens, cfg.batch_size).to(device)
     nbatch = (train_data.size(0) - 1) // cfg.bptt
     model.train()
     hidden = model.init_hidden(cfg.batch_size)
+    skipped = 0  # updates skipped for non-finite gradients, warm-up steps included
     for n in range(cfg.warmup + cfg.steps):
         if n == cfg.warmup:
             sync(device)
             start = time.perf_counter()
         inputs, targets = data.get_batch(train_data, (n % nbatch) * cfg.bptt, cfg.bptt)
-        loss, hidden = step(inputs, targets, hidden)
+        loss, hidden, updated = step(inputs, targets, hidden)
+        skipped += not updated
     sync(device)
     elapsed = time.perf_counter() - start
     if cfg.profile:
-        profile_steps(recipe, step, train_data, hidden, cfg, device)
-    skipped = stepper.skipped if stepper else 0
-    scale = stepper.loss_scale if stepper else None
+        profile_steps(name, step, train_data, hidden, cfg, device)
+    scale = recipe.loss_scale if recipe else None
     # Evaluation: forward only, eval batch size, the recipe's precision.
     eval_data = data.batchify(tokens[:(cfg.steps * cfg.bptt + 1) * training.EVAL_BATCH_SIZE],
                               training.EVAL_BATCH_SIZE).to(device)
-    autocast = stepper.autocast if stepper else contextlib.nullcontext
+    autocast = recipe.autocast if recipe else contextlib.nullcontext
     training.evaluate(model, eval_data[:cfg.bptt + 1], cfg.bptt, autocast)  # warm-up
     sync(device)
     eval_start = time.perf_counter()
@@ -159,12 +165,12 @@ def measure(recipe, cfg, device, tokens):
     flops = 3 * step_flops(cfg)  # backward costs about twice the forward
     achieved = flops * cfg.steps / elapsed / 1e12
     device_name = torch.cuda.get_device_name(device) if device.type == 'cuda' else device.type
-    peak = peak_tflops(device_name, MATH[recipe])
+    peak = peak_tflops(device_name, MATH[name])
     return {
-        'recipe': recipe, 'ms_per_step': 1000 * elapsed / cfg.steps,
+        'recipe': name, 'ms_per_step': 1000 * elapsed / cfg.steps,
         'tokens_per_s': cfg.steps * cfg.bptt * cfg.batch_size / elapsed,
         'peak_memory_bytes': peak_memory, 'memory_kind': memory_kind,
-        'achieved_tflops': achieved, 'math': MATH[recipe], 'peak_tflops': peak,
+        'achieved_tflops': achieved, 'math': MATH[name], 'peak_tflops': peak,
         'fraction_of_peak': achieved / peak if peak else None,
         'eval_ms_per_batch': 1000 * eval_elapsed / eval_batches,
         'eval_tokens_per_s': (eval_data.size(0) - 1) * training.EVAL_BATCH_SIZE / eval_elapsed,
@@ -191,9 +197,9 @@ def print_table(report):
               f'{r["eval_ms_per_batch"]:8.2f} {r["skipped_steps"]:8d}')
 
 
-def main():
-    p = argparse.ArgumentParser(description='Time the training step of every precision recipe.')
-    p.add_argument('--small', action='store_true', help='LSTM 200/200, batch 20 instead of the seed\'s 1504/1504, 24')
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog=PROG, description='Time the training step of every precision recipe.')
+    p.add_argument('--small', action='store_true', help="LSTM 200/200, batch 20 instead of apex's 1504/1504, 24")
     p.add_argument('--smoke', action='store_true', help='tiny model, 2 steps: checks that every recipe runs')
     p.add_argument('--model', default='LSTM')
     p.add_argument('--emsize', type=int)
@@ -211,8 +217,8 @@ def main():
     p.add_argument('--json', default=None, help='write the results here')
     p.add_argument('--profile', action='store_true', help='also print a profile of 3 steps of each recipe')
     p.add_argument('--one', help=argparse.SUPPRESS)  # run one recipe in this process, print its JSON
-    add_device_flags(p)
-    cfg = p.parse_args()
+    cli.add_device_flags(p)
+    cfg = p.parse_args(argv)
     size = (16, 16, 4) if cfg.smoke else (200, 200, 20) if cfg.small else (1504, 1504, 24)
     cfg.emsize = cfg.emsize or size[0]
     cfg.nhid = cfg.nhid or size[1]
@@ -220,18 +226,56 @@ def main():
     if cfg.smoke:
         cfg.ntokens, cfg.bptt, cfg.steps, cfg.warmup = 64, 5, 2, 1
     cfg.dropout, cfg.lr, cfg.clip, cfg.static_loss_scale, cfg.seed = 0.65, 20.0, 0.25, 128.0, 1111
-    device = select_device(cfg)
+    check_args(cfg)
+    return cfg
+
+
+def check_args(cfg):
+    """Flag values the benchmark cannot run with (cli.UsageError: one sentence, exit code 2)."""
+    for flag in ('emsize', 'nhid', 'nlayers', 'batch_size', 'bptt', 'ntokens', 'steps', 'rounds'):
+        if getattr(cfg, flag) < 1:
+            raise cli.UsageError(f'--{flag} must be at least 1 (got {getattr(cfg, flag)}).')
+    if cfg.warmup < 0:
+        raise cli.UsageError(f'--warmup must not be negative (got {cfg.warmup}).')
+    if cfg.model not in GATES:
+        raise cli.UsageError(f'--model {cfg.model} is not a known rnn type; choose one of {", ".join(GATES)}.')
+    if cfg.data is not None and not os.path.isdir(cfg.data):
+        raise cli.UsageError(f'--data {cfg.data}: no such directory.')
+    if cfg.json:
+        os.makedirs(os.path.dirname(os.path.abspath(cfg.json)), exist_ok=True)
+        cli.check_output_file('--json', cfg.json)
+    names = cfg.recipes.split(',') if cfg.recipes else []
+    unknown = [r for r in names if r not in RECIPES]
+    if unknown:
+        raise cli.UsageError(f'unknown recipe(s) {", ".join(unknown)}; choose from {", ".join(RECIPES)}.')
+    if cfg.one is not None and cfg.one not in RECIPES:
+        raise cli.UsageError(f'unknown recipe {cfg.one}.')
+
+
+def run_in_own_process(name, argv):
+    """measure(name) in a fresh Python, for its own max RSS: `python3 -m benchmarks.recipes`
+    with the same flags plus --one name, in the same directory (relative paths keep their
+    meaning), with the repository root on PYTHONPATH (the package imports whatever that directory is)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get('PYTHONPATH')])))
+    return subprocess.run([sys.executable, '-m', 'benchmarks.recipes', *argv, '--json', '', '--one', name],
+                          capture_output=True, text=True, env=env)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cfg = parse_args(argv)
+    device = cli.select_device(cfg)
     tokens = token_stream(cfg)
     if cfg.data:
         cfg.ntokens = max(cfg.ntokens, int(tokens.max()) + 1)
     if cfg.one:
         print(json.dumps(measure(cfg.one, cfg, device, tokens)))
-        return
-    recipes = cfg.recipes.split(',') if cfg.recipes else [r for r in RECIPES if r != 'fp32-tf32' or device.type == 'cuda']
-    unknown = [r for r in recipes if r not in RECIPES]
-    if unknown:
-        p.error(f'unknown recipe(s) {", ".join(unknown)}; choose from {", ".join(RECIPES)}')
-    device_name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'cpu ({os.cpu_count()} cores)'
+        return 0
+    names = cfg.recipes.split(',') if cfg.recipes else [r for r in RECIPES if r != 'fp32-tf32' or device.type == 'cuda']
+    if device.type == 'cuda':
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device_name = f'cpu ({cpu_model()}, {os.cpu_count()} cores)'
     config = {k: getattr(cfg, k) for k in ('model', 'emsize', 'nhid', 'nlayers', 'batch_size', 'bptt', 'ntokens',
                                            'steps', 'warmup', 'rounds')}
     config['tokens'] = 'real: ' + cfg.data if cfg.data else 'synthetic'
@@ -239,35 +283,35 @@ def main():
               'train_flops_per_step': 3 * step_flops(cfg), 'results': []}
     best = {}
     for round_ in range(1, cfg.rounds + 1):
-        order = recipes if round_ % 2 else recipes[::-1]  # alternate, so no recipe always runs first
-        for n, recipe in enumerate(order, 1):
-            print(f'| round {round_}/{cfg.rounds} [{n}/{len(recipes)}] {recipe}: '
+        order = names if round_ % 2 else names[::-1]  # alternate, so no recipe always runs first
+        for n, name in enumerate(order, 1):
+            print(f'| round {round_}/{cfg.rounds} [{n}/{len(names)}] {name}: '
                   f'{cfg.warmup} warm-up + {cfg.steps} timed steps ...', flush=True)
             if device.type == 'cpu':  # own process, own max RSS
-                out = subprocess.run([sys.executable, os.path.abspath(__file__), *sys.argv[1:], '--json', '',
-                                      '--one', recipe], capture_output=True, text=True)
+                out = run_in_own_process(name, argv)
                 if out.returncode:
-                    sys.exit(f'benchmark: {recipe} failed:\n{out.stderr}')
+                    sys.stderr.write(out.stderr)
+                    return cli.report_error(f'{name} failed in its own process (exit code {out.returncode}).', 1, PROG)
                 *profile_lines, last = out.stdout.strip().splitlines()
                 print('\n'.join(profile_lines), end='\n' if profile_lines else '')
                 result = json.loads(last)
             else:
-                result = measure(recipe, cfg, device, tokens)
+                result = measure(name, cfg, device, tokens)
             print(f'|     {result["ms_per_step"]:.2f} ms/step, {result["tokens_per_s"]:.0f} tokens/s, '
                   f'eval {result["eval_ms_per_batch"]:.2f} ms/batch, skipped {result["skipped_steps"]}', flush=True)
-            if recipe not in best or result['ms_per_step'] < best[recipe]['ms_per_step']:
-                best[recipe] = result
-    report['results'] = [best[r] for r in recipes]
+            if name not in best or result['ms_per_step'] < best[name]['ms_per_step']:
+                best[name] = result
+    report['results'] = [best[r] for r in names]
     base = next((r for r in report['results'] if r['recipe'] == 'fp32'), report['results'][0])
     for r in report['results']:
         r['ratio_to_fp32'] = r['tokens_per_s'] / base['tokens_per_s']
     print_table(report)
     if cfg.json:
-        os.makedirs(os.path.dirname(os.path.abspath(cfg.json)), exist_ok=True)
         with open(cfg.json, 'w') as f:
             json.dump(report, f, indent=1)
         print(f'| wrote {cfg.json}')
+    return 0
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(cli.run(main, prog=PROG))
