@@ -166,8 +166,10 @@ def train(run, recipe):
     """
     args, model = run.args, run.model
     resume_file = args.save + '.resume'
-    save_resume = lambda: checkpoint.save_resume(resume_file, model, run.corpus.dictionary, args, recipe,
-                                                 dataclasses.asdict(progress))
+
+    def save_resume():
+        checkpoint.save_resume(resume_file, model, run.corpus.dictionary, args, recipe, dataclasses.asdict(progress))
+
     progress = Progress()
     if args.resume:
         progress = Progress(**checkpoint.load_resume(args.resume, model, run.corpus.dictionary, args, recipe))
