@@ -7,8 +7,8 @@ FP16_Optimizer's job. The recipe's step, for each batch:
     optimizer.clip_master_grads(clip)    # clip the masters' gradient norm
     optimizer.step()                     # SGD on the masters (skipped on overflow), copy into the model
 
-With --dynamic-loss-scale the scale starts high, halves on every overflow and
-doubles again after 1000 clean steps.
+With --dynamic-loss-scale the scale starts at 2**16, halves on every overflow (that
+step is skipped) and doubles again after 2000 clean steps, up to 2**24: apex's last defaults.
 """
 import contextlib
 import sys

@@ -232,18 +232,31 @@ def test_dynamic_scaler_doubles_after_window_and_overflow_resets_count():
     assert history == [16, 16, 32, 32, 32, 16, 16, 16, 32, 32, 32, 64]
 
 
-def test_dynamic_scaler_default_and_state_dict():
+def test_dynamic_scaler_defaults_and_apex_attributes():
+    """apex 2018's DynamicLossScaler: first scale 2**32, its counters as attributes (no state_dict)."""
     s = DynamicLossScaler()
-    assert s.loss_scale == 2.0 ** 32
-    s = DynamicLossScaler(init_scale=8, scale_window=5)
-    s.update_scale(False)
-    s.update_scale(False)
-    t = DynamicLossScaler()
-    t.load_state_dict(s.state_dict())
-    assert (t.loss_scale, t.scale_window, t.clean_steps) == (8.0, 5, 2)
-    for _ in range(3):
-        t.update_scale(False)
-    assert t.loss_scale == 16.0
+    assert s.loss_scale == s.cur_scale == 2.0 ** 32
+    assert (s.cur_iter, s.last_overflow_iter, s.scale_factor, s.scale_window) == (0, -1, 2.0, 1000)
+    assert not hasattr(s, 'state_dict') and not hasattr(s, 'load_state_dict')
+    s = DynamicLossScaler(init_scale=8, scale_factor=3, scale_window=2)
+    history = []
+    for overflow in (False, False, True, False, False):
+        s.update_scale(overflow)
+        history.append((s.cur_scale, s.cur_iter, s.last_overflow_iter))
+    # iteration 1: (1 - -1) % 2 == 0 -> x3; iteration 2 overflows; iteration 4: (4 - 2) % 2 == 0 -> x3
+    assert history == [(8, 1, -1), (24, 2, -1), (8, 3, 2), (8, 4, 2), (24, 5, 2)]
+
+
+def test_dynamic_scaler_has_overflow_and_backward():
+    s = DynamicLossScaler(init_scale=4.0)
+    p = nn.Parameter(torch.zeros(3, dtype=torch.float16))
+    p.grad = torch.tensor([1.0, float('nan'), 0.0], dtype=torch.float16)
+    assert s.has_overflow([p]) is True
+    p.grad = torch.ones(3, dtype=torch.float16)
+    assert s.has_overflow([p]) is False
+    w = torch.tensor([3.0], requires_grad=True)
+    s.backward(w * 2)
+    assert torch.equal(w.grad, torch.tensor([8.0]))
 
 
 # ---------------------------------------------------------------- FP16_Optimizer
@@ -351,9 +364,21 @@ def test_forced_overflow_skips_step(dynamic):
     assert any(not torch.equal(w, p) for w, p in zip(weights, model.parameters()))
 
 
+def test_dynamic_scale_defaults_are_apex_last():
+    model = half_mlp()
+    assert make_opt(model, dynamic_loss_scale=True).loss_scale == 2.0 ** 16
+    # the first scale is capped at max_loss_scale (2**24 by default)
+    assert make_opt(half_mlp(), dynamic_loss_scale=True, dynamic_loss_args=dict(init_scale=2.0 ** 32)).loss_scale \
+        == 2.0 ** 24
+    assert make_opt(half_mlp(), static_loss_scale=2.0 ** 32).loss_scale == 2.0 ** 32  # a static scale is not capped
+    with pytest.raises(TypeError):
+        make_opt(half_mlp(), dynamic_loss_scale=True, dynamic_loss_args=dict(delayed_shift=2))
+
+
 def test_natural_overflow_with_huge_dynamic_scale():
     model = half_mlp()
-    opt = make_opt(model, dynamic_loss_scale=True)  # default 2**32 overflows fp16 grads
+    huge = dict(init_scale=2.0 ** 32, max_loss_scale=2.0 ** 32)  # overflows fp16 grads
+    opt = make_opt(model, dynamic_loss_scale=True, dynamic_loss_args=huge)
     (x, y), = batches(1)
     weights = [p.detach().clone() for p in model.parameters()]
     train_step(model, opt, x, y)
@@ -366,13 +391,28 @@ def test_verbose_overflow_message(capsys):
     model = half_mlp()
     opt = FP16_Optimizer(torch.optim.SGD(model.parameters(), lr=0.1), dynamic_loss_scale=True,
                          dynamic_loss_args=dict(init_scale=64.0))
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == 'FP16_Optimizer processing param group 0:'
+    assert out.count('FP16_Optimizer received torch.HalfTensor with torch.Size(') == 4
+    (x, y), = batches(1)
+    opt.backward(mlp_loss(model, x, y), update_master_grads=False)
+    model[2].bias.grad[0] = float('nan')
+    opt.update_master_grads()
+    assert capsys.readouterr().out == ''  # the message comes from step(), which skips
+    opt.step()
+    assert 'Gradient overflow.  Skipping step, reducing loss scale to 32' in capsys.readouterr().out
+    assert opt.loss_scale == 32.0
+
+
+def test_quiet_with_verbose_false(capsys):
+    model = half_mlp()
+    opt = make_opt(model, dynamic_loss_scale=True, dynamic_loss_args=dict(init_scale=64.0))
     (x, y), = batches(1)
     opt.backward(mlp_loss(model, x, y), update_master_grads=False)
     model[2].bias.grad[0] = float('nan')
     opt.update_master_grads()
     opt.step()
-    assert 'OVERFLOW' in capsys.readouterr().out
-    assert opt.loss_scale == 32.0
+    assert opt.overflow and capsys.readouterr().out == ''
 
 
 @pytest.mark.parametrize('max_norm', [1e-3, 1e6])
@@ -452,11 +492,29 @@ def test_state_dict_round_trip_without_momentum_state_differs(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), other.parameters()))
 
 
-def test_load_state_dict_rejects_other_scaler_kind():
-    model = half_mlp()
-    opt = make_opt(model, static_loss_scale=8.0)
-    other = make_opt(half_mlp(), dynamic_loss_scale=True)
-    with pytest.raises(ValueError):
+def test_load_state_dict_adopts_the_saved_scaler_kind():
+    """As apex did: the loaded optimizer scales the way the saved one did."""
+    static_model, dynamic_model = half_mlp(), half_mlp()
+    static = make_opt(static_model, static_loss_scale=8.0)
+    dynamic = make_opt(dynamic_model, dynamic_loss_scale=True)
+    static_state, dynamic_state = static.state_dict(), dynamic.state_dict()
+    static.load_state_dict(dynamic_state)
+    assert static.dynamic_loss_scale is True and static.loss_scale == 2.0 ** 16
+    dynamic.load_state_dict(static_state)
+    assert dynamic.dynamic_loss_scale is False and dynamic.loss_scale == 8.0
+    # and each acts on it: an overflow halves the adopted dynamic scale, leaves the adopted static one
+    data = batches(1)
+    _train(static_model, static, data, overflow_at=(0,))
+    assert static.overflow and static.loss_scale == 2.0 ** 15
+    _train(dynamic_model, dynamic, data, overflow_at=(0,))
+    assert dynamic.overflow and dynamic.loss_scale == 8.0
+
+
+def test_load_state_dict_rejects_other_shapes():
+    opt = make_opt(half_mlp(), static_loss_scale=8.0)
+    torch.manual_seed(0)
+    other = make_opt(nn.Sequential(nn.Linear(8, 15), nn.Tanh(), nn.Linear(15, 4)).half(), static_loss_scale=8.0)
+    with pytest.raises(ValueError, match='other shapes'):
         other.load_state_dict(opt.state_dict())
 
 

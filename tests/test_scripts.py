@@ -105,20 +105,20 @@ def test_training_run(name, training_runs, corpus_dir):
             assert 'not finite' not in out
         else:
             assert 'dynamic loss scale' in header
-            # starts at 2**32, which overflows fp16 gradients: the first updates are skipped, the scale halves
+            # starts at apex's 2**16; each skipped update halves it (no growth: that takes 2000 clean updates)
             skips = re.findall(r'^\| gradients are not finite: update skipped \((\d+) so far, loss scale now (\S+)\)$',
                                out, re.M)
-            assert skips[:2] == [('1', '2.14748e+09'), ('2', '1.07374e+09')], out
             assert [int(n) for n, _ in skips] == list(range(1, len(skips) + 1))
-            assert [s for _, s in skips] == [f'{2.0 ** (31 - i):g}' for i in range(len(skips))]  # halves each time
+            assert [s for _, s in skips] == [f'{2.0 ** (15 - i):g}' for i in range(len(skips))]  # halves each time
             scales = [float(x) for x in re.findall(r'\| loss scale (\S+) \|', out)]
-            assert scales and 1 <= scales[-1] < 2 ** 32 and scales == sorted(scales, reverse=True)
+            assert scales and scales[0] <= 2 ** 16 and scales == sorted(scales, reverse=True)
+            assert scales[-1] >= 2.0 ** (16 - len(skips))
             # each periodic line counts the updates skipped so far in its epoch
             counts = [int(n) for n in re.findall(r'^\| epoch +1 \| .*\| skipped (\d+)$', out, re.M)]
             lines = out.splitlines()
             first_periodic = next(i for i, line in enumerate(lines) if LOSS_RE.match(line))
             skipped_before = sum(line.startswith('| gradients are not finite') for line in lines[:first_periodic])
-            assert counts[0] == skipped_before > 0 and counts[-1] == len(skips), (counts, len(skips))
+            assert counts[0] == skipped_before and counts[-1] <= len(skips), (counts, len(skips))
     if name != 'fp16opt-dynamic':
         assert 'not finite' not in out
         assert all(line.endswith('| skipped 0') for line in out.splitlines() if LOSS_RE.match(line))
