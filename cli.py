@@ -11,7 +11,7 @@ import torch
 import checkpoint
 import data
 import recipes
-from model import RNN_TYPES
+from model import RNN_TYPES, RNNModel
 
 
 class UsageError(Exception):
@@ -93,7 +93,10 @@ def check_training_args(args):
         raise UsageError(f'--tied needs --emsize equal to --nhid (got emsize {args.emsize}, nhid {args.nhid}).')
     if not uses_default_data(args.data) and not os.path.isdir(args.data):
         raise UsageError(f'--data {args.data}: no such directory.')
-    check_output_file('--save', args.save)
+    check_seed(args.seed)
+    data_files = [('--data', os.path.join(args.data, f'{split}.txt')) for split in data.SPLITS]
+    check_output_file('--save', args.save, data_files)
+    check_output_file('SAVE.resume', args.save + '.resume', data_files)
     if args.resume is not None and not os.path.isfile(args.resume):
         raise UsageError(f'--resume {args.resume}: no such file.')
     if args.static_loss_scale is None:
@@ -109,17 +112,48 @@ def uses_default_data(path):
     return os.path.normpath(path) == os.path.normpath(data.DEFAULT_DATA)
 
 
-def check_output_file(flag, path):
-    """A file a script will write: named, not a directory, in a writable directory."""
+def check_output_file(flag, path, inputs=()):
+    """A file a script will write: a regular file or a new name, in a writable directory, and
+    none of the run's inputs (inputs: (flag, path) pairs, compared as files, not as strings)."""
     if not path:
         raise UsageError(f'{flag} must name a file.')
     if os.path.isdir(path):
         raise UsageError(f'{flag} {path} is a directory; give a file name.')
+    if os.path.islink(path):
+        raise UsageError(f'{flag} {path} is a symbolic link; give the path of a regular file.')
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise UsageError(f'{flag} {path} is not a regular file (a device, FIFO or socket); give a file name.')
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise UsageError(f'{flag} {path}: directory {directory} does not exist.')
     if not os.access(directory, os.W_OK):
         raise UsageError(f'{flag} {path}: directory {directory} is not writable.')
+    for input_flag, input_path in inputs:
+        if os.path.exists(path) and os.path.exists(input_path) and os.path.samefile(path, input_path):
+            raise UsageError(f'{flag} {path} is the same file as {input_flag} {input_path}; writing it would destroy it.')
+
+
+def check_seed(seed):
+    """torch's generators take seeds from -2**63 to 2**64 - 1."""
+    if not -2 ** 63 <= seed < 2 ** 64:
+        raise UsageError(f'--seed must be between -2**63 and 2**64 - 1 (got {seed}).')
+
+
+def check_model_size(args, ntokens, device):
+    """Refuse a model whose fp32 weights alone would not fit in the device's memory, before building it."""
+    try:
+        with torch.device('meta'):  # shapes only: nothing is allocated
+            model = RNNModel(args.model, ntokens, args.emsize, args.nhid, args.nlayers, args.dropout, args.tied)
+        nbytes = 4 * sum(p.numel() for p in model.parameters())
+    except (RuntimeError, OverflowError, ValueError):
+        nbytes = math.inf
+    if device.type == 'cuda':
+        memory = torch.cuda.mem_get_info(device)[1]
+    else:
+        memory = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    if nbytes > memory:
+        raise UsageError(f'--emsize {args.emsize}, --nhid {args.nhid} and --nlayers {args.nlayers} make a model whose '
+                         f'weights need {nbytes / 2 ** 30:.3g} GiB, more than the {memory / 2 ** 30:.3g} GiB of {device}.')
 
 
 # ---------------------------------------------------------------- device

@@ -32,7 +32,8 @@ def parse_args(argv):
         raise cli.UsageError(f'--words must be 0 or more (got {args.words}).')
     if args.log_interval < 1:
         raise cli.UsageError(f'--log-interval must be at least 1 (got {args.log_interval}).')
-    cli.check_output_file('--outf', args.outf)
+    cli.check_seed(args.seed)
+    cli.check_output_file('--outf', args.outf, [('--checkpoint', args.checkpoint)])
     if not os.path.isfile(args.checkpoint):
         raise cli.UsageError(f'--checkpoint {args.checkpoint}: no such file.')
     return args

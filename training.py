@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import checkpoint
 import data
 from chunked_cross_entropy import chunked_cross_entropy
-from cli import StopRequest, UsageError, select_device, uses_default_data
+from cli import StopRequest, UsageError, check_model_size, select_device, uses_default_data
 from model import RNNModel, repackage_hidden
 from recipes import TrainingDiverged
 
@@ -40,6 +40,7 @@ class Run:
         self.corpus = data.Corpus(args.data, pad_to_multiple_of=8)
         self.ntokens = len(self.corpus.dictionary)
         self.check_split_sizes()
+        check_model_size(args, self.ntokens, self.device)
         self.train_data = data.batchify(self.corpus.train, args.batch_size).to(self.device)
         self.batch_starts = range(0, self.train_data.size(0) - 1, args.bptt)  # first row of each batch
         self.val_data = data.batchify(self.corpus.valid, EVAL_BATCH_SIZE).to(self.device)

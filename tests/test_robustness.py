@@ -24,6 +24,7 @@ import re
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -242,6 +243,8 @@ BAD_TRAINING_FLAGS = [  # (flag, value); the error line must show the value as g
     ('--static-loss-scale', '0'), ('--static-loss-scale', '-128'), ('--static-loss-scale', 'nan'),
     ('--model', 'lstm'), ('--model', 'Transformer'),
     ('--batch_size', '2000'), ('--batch_size', '1000000'),  # more columns than the ~3000 train tokens allow
+    ('--seed', str(2 ** 70)), ('--seed', str(-2 ** 63 - 1)),  # outside what torch's generators take
+    ('--emsize', '100000000000'), ('--nhid', '1000000'),  # weights larger than the machine's memory
 ]
 
 BAD_TRAINING_PATHS = [  # (flag, value); {corpus} is the good corpus directory
@@ -307,6 +310,8 @@ BAD_GENERATE_FLAGS = [
     ('--words', '-1'), ('--log-interval', '0'), ('--log-interval', '-1'),
     ('--outf', 'no-such-dir/out.txt'), ('--outf', 'somedir'), ('--outf', ''),
     ('--checkpoint', 'no-such-model.pt'), ('--checkpoint', 'somedir'),
+    ('--seed', str(2 ** 70)),
+    ('--outf', 'model.pt'),  # the checkpoint it reads
 ]
 
 
@@ -315,6 +320,58 @@ def test_bad_generate_flag(flag, value, call_script, case_dir):
     (case_dir / 'out.txt').write_text('earlier output\n')
     base = ['--checkpoint', 'model.pt', '--outf', 'out.txt', '--words', 30, '--log-interval', 10]
     check_bad_flag(call_script, 'generate.py', base, flag, value, case_dir)
+
+
+def make_output_path(kind, case_dir, name, input_flag):
+    """case_dir/name as something a script must not write through; returns its path as given."""
+    path = case_dir / name
+    if kind == 'symlink':
+        (case_dir / 'target.txt').write_text('the link target\n')
+        path.symlink_to(case_dir / 'target.txt')
+    elif kind == 'dangling-symlink':
+        path.symlink_to(case_dir / 'no-such-target')
+    elif kind == 'fifo':
+        os.mkfifo(path)
+    elif kind == 'directory':
+        path.mkdir()
+    elif kind == 'device':  # a node of its own, like /dev/null (never the real one: a broken defence would replace it)
+        try:
+            os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        except PermissionError:
+            pytest.skip('creating a device node needs root')
+    elif kind == 'hard-link-to-input':  # the training data for the training scripts, the checkpoint for generate.py
+        os.link(case_dir / ('model.pt' if input_flag == '--checkpoint' else 'data/train.txt'), path)
+    return name
+
+
+OUTPUT_KINDS = {  # kind: what the sentence says
+    'symlink': 'is a symbolic link', 'dangling-symlink': 'is a symbolic link', 'fifo': 'is not a regular file',
+    'device': 'is not a regular file', 'directory': 'is a directory', 'hard-link-to-input': 'is the same file as {input_flag}',
+}
+
+
+@pytest.mark.parametrize('kind', list(OUTPUT_KINDS))
+@pytest.mark.parametrize('output', ['--save', 'SAVE.resume', '--outf'])
+def test_output_is_a_regular_file_and_not_an_input(output, kind, call_script, corpus_dir, case_dir):
+    """An output path is written only if it is a regular file or a new name, and is none of the run's inputs
+    (compared as files: a hard link under another name is caught); anything else is refused untouched."""
+    shutil.copytree(corpus_dir, case_dir / 'data')
+    input_flag = '--checkpoint' if output == '--outf' else '--data'
+    name = make_output_path(kind, case_dir, 'out.pt.resume' if output == 'SAVE.resume' else 'out.pt', input_flag)
+    before = snapshot(case_dir.parent)
+    if output == '--outf':
+        proc = call_script('generate.py', '--checkpoint', 'model.pt', '--outf', name, '--words', 5, cwd=case_dir)
+        script = 'generate.py'
+    else:
+        save = 'out.pt' if output == 'SAVE.resume' else name
+        proc = call_script('main.py', '--data', 'data', *SMALL, '--epochs', 1, '--save', save, cwd=case_dir)
+        script = 'main.py'
+    line = error_line(proc, script, 2)
+    assert f'{output} {name}' in line and OUTPUT_KINDS[kind].format(input_flag=input_flag) in line, line
+    assert '| device' not in proc.stdout
+    assert_unchanged(before, case_dir.parent)
+    if kind in ('fifo', 'device'):
+        assert not (case_dir / name).is_file()  # still the FIFO or the device node
 
 
 @pytest.mark.parametrize('flag, value', [('--words', 'many'), ('--temperature', 'hot'), ('--seed', '1.5')])
