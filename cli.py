@@ -11,7 +11,7 @@ import torch
 import checkpoint
 import data
 import recipes
-from model import RNN_TYPES, RNNModel
+from model import RNN_TYPES
 
 
 class UsageError(Exception):
@@ -139,11 +139,11 @@ def check_seed(seed):
         raise UsageError(f'--seed must be between -2**63 and 2**64 - 1 (got {seed}).')
 
 
-def check_model_size(args, ntokens, device):
-    """Refuse a model whose fp32 weights alone would not fit in the device's memory, before building it."""
+def check_model_size(build_model, args, device):
+    """Refuse a model whose fp32 weights alone would not fit in the device's memory, before build_model() builds it."""
     try:
         with torch.device('meta'):  # shapes only: nothing is allocated
-            model = RNNModel(args.model, ntokens, args.emsize, args.nhid, args.nlayers, args.dropout, args.tied)
+            model = build_model()
         nbytes = 4 * sum(p.numel() for p in model.parameters())
     except (RuntimeError, OverflowError, ValueError):
         nbytes = math.inf

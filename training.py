@@ -40,13 +40,14 @@ class Run:
         self.corpus = data.Corpus(args.data, pad_to_multiple_of=8)
         self.ntokens = len(self.corpus.dictionary)
         self.check_split_sizes()
-        check_model_size(args, self.ntokens, self.device)
+        build_model = lambda: RNNModel(args.model, self.ntokens, args.emsize, args.nhid, args.nlayers,
+                                       args.dropout, args.tied)
+        check_model_size(build_model, args, self.device)
         self.train_data = data.batchify(self.corpus.train, args.batch_size).to(self.device)
         self.batch_starts = range(0, self.train_data.size(0) - 1, args.bptt)  # first row of each batch
         self.val_data = data.batchify(self.corpus.valid, EVAL_BATCH_SIZE).to(self.device)
         self.test_data = data.batchify(self.corpus.test, EVAL_BATCH_SIZE).to(self.device)
-        self.model = RNNModel(args.model, self.ntokens, args.emsize, args.nhid, args.nlayers,
-                              args.dropout, args.tied).to(self.device)
+        self.model = build_model().to(self.device)
         if args.fp16 and (args.emsize % 8 or args.nhid % 8 or args.batch_size % 8):
             print(f'Warning: emsize = {args.emsize}, nhid = {args.nhid}, batch_size = {args.batch_size} '
                   "should all be multiples of 8 to ensure Tensor Core use for the RNN's GEMMs.")
