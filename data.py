@@ -1,6 +1,8 @@
 """WikiText-style corpus: a dictionary of words and the train/valid/test token streams."""
 import array
+import codecs
 import hashlib
+import itertools
 import os
 import urllib.request
 from collections import defaultdict
@@ -11,6 +13,7 @@ from checkpoint import atomic_write
 
 SPLITS = ('train', 'valid', 'test')
 EOS = '<eos>'
+READ_CHUNK_BYTES = 1 << 20  # bounds the memory of reading, however long a line
 
 # The files pytorch/examples serves for word_language_model, and their SHA-256.
 WIKITEXT2_URL = 'https://raw.githubusercontent.com/pytorch/examples/main/word_language_model/data/wikitext-2/{split}.txt'
@@ -71,6 +74,10 @@ class Corpus:
     def tokenize(self, path):
         """Token ids of a text file: each line is line.split() + ['<eos>'].
 
+        The file is read READ_CHUNK_BYTES at a time, so memory does not grow with
+        the length of a line. A word cut by a chunk's end is held back until the
+        next chunk shows whether it goes on.
+
         Words go through a defaultdict whose missing-key factory is its own
         length, so a new word gets the next id inside C code. Ids are collected
         in an int64 array (8 bytes a token), which becomes the tensor without a copy.
@@ -78,19 +85,30 @@ class Corpus:
         word2idx = defaultdict(None, self.dictionary.word2idx)
         word2idx.default_factory = word2idx.__len__
         ids = array.array('q')
+        unfinished = []  # pieces of the word the text so far ends in: kept apart so that a huge word is joined once
+        last_char = '\n'  # of the text so far: an empty file has no line
         try:
-            with open(path, encoding='utf-8', newline=None) as f:
-                while lines := f.readlines(1 << 20):
-                    text = ''.join(lines)
-                    if '\x00' in text:
-                        raise DataError(f'{path} is not a text file (it contains NUL bytes).')
-                    if not text.endswith('\n'):
-                        text += '\n'
-                    ids.extend(map(word2idx.__getitem__, text.replace('\n', f' {EOS} ').split()))
-        except UnicodeDecodeError:
-            raise DataError(f'{path} is not UTF-8 text (bad byte at offset {first_bad_utf8_byte(path)}).') from None
+            for text in text_chunks(path, READ_CHUNK_BYTES):
+                if not text:
+                    continue
+                words = text.replace('\n', f' {EOS} ').split()
+                first = 0  # index of the first word that starts in this text
+                if not text[0].isspace():
+                    unfinished.append(words[0])
+                    first = 1
+                if unfinished and (len(words) > first or text[-1].isspace()):  # the word ends here, unless this text is all one piece of it
+                    ids.append(word2idx[''.join(unfinished)])
+                    unfinished = []
+                if len(words) > first and not text[-1].isspace():
+                    unfinished.append(words.pop())
+                ids.extend(map(word2idx.__getitem__, itertools.islice(words, first, None)))
+                last_char = text[-1]
         except OSError as e:
             raise DataError(f'cannot read {path}: {e.strerror}.') from None
+        if unfinished:
+            ids.append(word2idx[''.join(unfinished)])
+        if last_char != '\n':  # the last line has no newline: it still ends with <eos>
+            ids.append(word2idx[EOS])
         if len(ids) == 0:
             raise DataError(f'{path} has no tokens.')
         self.dictionary.word2idx = dict(word2idx)
@@ -98,15 +116,39 @@ class Corpus:
         return torch.frombuffer(ids, dtype=torch.int64)
 
 
-def first_bad_utf8_byte(path):
-    """Offset in the file of the first byte that is not valid UTF-8 (text-mode errors count per chunk)."""
+def text_chunks(path, size):
+    """The text of a UTF-8 file in pieces, reading `size` bytes at a time, newlines as in text mode.
+
+    As open(path, encoding='utf-8', newline=None) would: '\\r\\n' and a lone '\\r' become
+    '\\n'. A '\\r' at a piece's end waits for the next piece, which may start with its '\\n';
+    so does a character whose bytes are cut by the read. The first NUL byte or byte that
+    is not UTF-8 raises DataError as soon as its chunk is read, giving a bad byte's offset.
+    """
+    decoder = codecs.getincrementaldecoder('utf-8')()
+    offset = 0  # in the file, of the next byte read
+    held_cr = ''
     with open(path, 'rb') as f:
-        raw = f.read()
-    try:
-        raw.decode('utf-8')
-    except UnicodeDecodeError as e:
-        return e.start
-    return None
+        while True:
+            raw = f.read(size)
+            nul = raw.find(b'\x00')
+            held_bytes = len(decoder.getstate()[0])  # a character's first bytes, from the chunk before
+            try:  # whichever comes first, a bad byte or a NUL, is the one reported
+                text = decoder.decode(raw if nul < 0 else raw[:nul], final=nul >= 0 or not raw)
+            except UnicodeDecodeError as e:  # e.start counts from the held bytes
+                raise DataError(f'{path} is not UTF-8 text (bad byte at offset {offset - held_bytes + e.start}).') from None
+            if nul >= 0:
+                raise DataError(f'{path} is not a text file (it contains NUL bytes).')
+            offset += len(raw)
+            if held_cr:
+                text = held_cr + text
+                held_cr = ''
+            if raw and text.endswith('\r'):
+                text, held_cr = text[:-1], '\r'
+            if '\r' in text:
+                text = text.replace('\r\n', '\n').replace('\r', '\n')
+            yield text
+            if not raw:
+                return
 
 
 def download_wikitext2(path, url=WIKITEXT2_URL):

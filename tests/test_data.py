@@ -2,6 +2,7 @@
 import hashlib
 import os
 import random
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -124,6 +125,108 @@ def test_tokens_match_naive_reference_on_random_corpus(tmp_path):
     assert c.train.tolist() == ref_streams[0]
     assert c.valid.tolist() == ref_streams[1]
     assert c.test.tolist() == ref_streams[2]
+
+
+# ---------------------------------------------------------------- reading in bounded chunks
+
+def assert_tokens_match_reference(directory):
+    c = data.Corpus(str(directory))
+    ref_dict, ref_streams = reference_tokens([directory / f'{s}.txt' for s in data.SPLITS])
+    assert c.dictionary.idx2word == ref_dict.idx2word
+    assert [c.train.tolist(), c.valid.tolist(), c.test.tolist()] == ref_streams
+
+
+def straddling(pieces, size):
+    """UTF-8 bytes of (text, cut) pieces, each after enough spaces that a multiple of size falls at byte cut of it."""
+    out = bytearray()
+    for text, cut in pieces:
+        out += b' ' * (-(len(out) + cut) % size)
+        out += text.encode()
+    return bytes(out)
+
+
+@pytest.mark.parametrize('size', [1, 2, 3, 7])
+def test_chunk_boundaries_inside_words_characters_and_crlf_do_not_change_tokens(tmp_path, monkeypatch, size):
+    monkeypatch.setattr(data, 'READ_CHUNK_BYTES', size)
+    train = straddling([
+        ('split word\n', 3),            # inside a word
+        ('zwei é 中 😀\n', 6),          # inside a 2-byte character ('zwei ' is 5 bytes) ...
+        ('中文 end\n', 1),              # ... a 3-byte one
+        ('x😀y\n', 3),                  # ... and a 4-byte one
+        ('crlf\r\nnext', 5),            # between '\r' and '\n'
+        ('lone\rcr\n', 5),              # after a lone '\r'
+        ('a\u3000b\x85c\u2028d\x0ce\n', 2),  # inside whitespace that is not a line end
+        ('x' * 40 + ' y z' * 20 + '\n', 11),  # a line, and a word, longer than the chunk
+        ('\n\r\n\r\r', 1),              # empty lines
+        ('last line, no newline', 4),
+    ], size)
+    write_corpus(tmp_path, train, b'ends with cr\r', b'ends inside a character \xe4\xb8\xad')
+    assert_tokens_match_reference(tmp_path)
+
+
+def test_random_texts_tokenize_the_same_for_any_chunk_size(tmp_path, monkeypatch):
+    rng = random.Random(13)
+    pieces = ['a', 'bc', 'word', '<eos>', ' ', '  ', '\t', '\n', '\r', '\r\n', '\x0b', '\x1c', '\x85',
+              '\u2028', '\u3000', '\xa0', 'é', '中', '😀']
+    for _ in range(60):
+        write_corpus(tmp_path, *(''.join(rng.choices(pieces, k=rng.randint(0, 40))) + 'w' for _ in range(3)))
+        for size in (1, 2, 3, 5, 7):
+            monkeypatch.setattr(data, 'READ_CHUNK_BYTES', size)
+            assert_tokens_match_reference(tmp_path)
+
+
+@pytest.mark.parametrize('size', [7, 4096])
+@pytest.mark.parametrize('bad, at', [
+    (b'\xff w\n', 0),
+    (b'\xe4\xb8 w\n', 0),        # a character cut short: the offset is its first byte's
+    (b'ok\xed\xa0\x80\n', 2),    # an encoded surrogate
+    (b'end \xf0\x9f\x98', 4),    # the file ends inside a character
+])
+def test_bad_utf8_byte_offset_far_beyond_the_first_chunk(tmp_path, monkeypatch, size, bad, at):
+    monkeypatch.setattr(data, 'READ_CHUNK_BYTES', size)
+    good = 'w1 é 中 😀\r\n'.encode() * 1000
+    write_corpus(tmp_path, 'a\n', 'b\n', good + bad)
+    with pytest.raises(data.DataError) as e:
+        data.Corpus(str(tmp_path))
+    assert str(e.value) == f'{tmp_path / "test.txt"} is not UTF-8 text (bad byte at offset {len(good) + at}).'
+
+
+@pytest.mark.parametrize('tail, error', [
+    (b'x \x00 y \xff', 'NUL'),
+    (b'x \xff y \x00', 'offset 20002'),
+    (b'x \xe4\x00', 'offset 20002'),  # the NUL cuts a character short: that comes first
+])
+@pytest.mark.parametrize('size', [1, 7, 4096])
+def test_the_first_of_a_nul_and_a_bad_byte_is_reported(tmp_path, monkeypatch, size, tail, error):
+    monkeypatch.setattr(data, 'READ_CHUNK_BYTES', size)
+    write_corpus(tmp_path, b'word ' * 4000 + tail, 'b\n', 'c\n')
+    with pytest.raises(data.DataError, match=error):
+        data.Corpus(str(tmp_path))
+
+
+@pytest.mark.parametrize('content', ['one-line', 'nul'])
+def test_reading_holds_one_chunk_not_the_whole_line(tmp_path, monkeypatch, content):
+    """4 MiB without a newline, read 64 KiB at a time: the peak is a small part of the file."""
+    monkeypatch.setattr(data, 'READ_CHUNK_BYTES', 1 << 16)
+    size = 4 << 20
+    if content == 'one-line':  # long words, so that the ids (8 bytes each) stay small too
+        words = [f'{i:04d}' * 250 + ' ' for i in range(50)]
+        blob = ''.join(words[i % 50] for i in range(size // 1001)).encode()
+    else:
+        blob = bytes(size)
+    write_corpus(tmp_path, blob, 'b\n', 'c\n')
+    tracemalloc.start()
+    try:
+        if content == 'nul':
+            with pytest.raises(data.DataError, match='NUL'):
+                data.Corpus(str(tmp_path))
+        else:
+            c = data.Corpus(str(tmp_path))
+            assert len(c.train) == size // 1001 + 1
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < size // 4, peak  # reading the line whole peaks at 2 to 4 times the file
 
 
 # ---------------------------------------------------------------- batchify / get_batch
