@@ -1,13 +1,16 @@
 """Checkpoints: one dict of plain data and tensors, written atomically, read with weights_only."""
 import contextlib
+import fcntl
+import math
 import os
 import pickle
+import re
 import secrets
 import zipfile
 
 import torch
 
-from model import RNNModel
+from model import RNN_TYPES, RNNModel
 
 FORMAT = 'word_language_model/1'
 
@@ -20,12 +23,21 @@ class CannotResume(CheckpointError):
     """A sound checkpoint that --resume cannot continue with these flags (a usage error)."""
 
 
+class SaveInUse(Exception):
+    """Another run holds the lock on this --save (a usage error)."""
+
+
+class WriteError(Exception):
+    """A file that could not be written (disk full, permissions, ...); the previous file is kept."""
+
+
 @contextlib.contextmanager
 def atomic_write(path, mode='wb', **open_args):
     """A file object for a temporary file beside path, renamed over path once the block ends.
 
     A crash or Ctrl-C during the write leaves the previous file at path intact and no
     temporary file behind. The file gets an ordinary file's permissions under the umask.
+    An error while writing becomes a WriteError saying why.
     """
     directory, name = os.path.split(os.path.abspath(path))
     tmp = os.path.join(directory, f'.{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp')
@@ -36,10 +48,79 @@ def atomic_write(path, mode='wb', **open_args):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:  # also a second Ctrl-C, which may come after the rename
-        with contextlib.suppress(FileNotFoundError):
+    except BaseException as e:  # also a second Ctrl-C, which may come after the rename
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
+        reason = os_error(e)
+        if reason is not None:
+            raise WriteError(f'could not write {path} ({reason})') from None
         raise
+
+
+def os_error(e):
+    """What the operating system said, if e is an OSError or was raised while handling one (torch.save
+    wraps a failed write in a RuntimeError); None if there is none, or if e comes from a signal or an exit."""
+    chain = []
+    while e is not None and e not in chain:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    if not all(isinstance(x, Exception) for x in chain):
+        return None
+    return next((x.strerror or str(x) for x in chain if isinstance(x, OSError)), None)
+
+
+TEMP_NAME = re.compile(r'\.(?P<name>.+)\.\d+\.[0-9a-f]{8}\.tmp')
+
+
+class SaveLock:
+    """One run per --save: an advisory lock on a hidden file beside it, held while the run lasts.
+
+    The operating system drops the lock when the process dies, so a killed run never blocks
+    the next. Holding it, the run removes the temporary files a killed run left beside SAVE.
+    """
+
+    def __init__(self, save):
+        directory, name = os.path.split(os.path.abspath(save))
+        self.save, self.directory, self.name = save, directory, name
+        self.path = os.path.join(directory, f'.{name}.lock')
+
+    def __enter__(self):
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.read(fd, 32).decode('ascii', 'replace').strip() or 'unknown'
+                os.close(fd)
+                raise SaveInUse(f'--save {self.save} is in use by another run (process {owner}); '
+                                f'wait for it to finish or give another --save.') from None
+            # The previous holder may have removed the file between our open and our lock: lock the file at path.
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f'{os.getpid()}\n'.encode())
+        self.fd = fd
+        self.remove_stale_temp_files()
+        return self
+
+    def __exit__(self, *exc):
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        os.close(self.fd)
+
+    def remove_stale_temp_files(self):
+        """Temporary files of --save and SAVE.resume: only a killed run leaves them, and no other run may write them."""
+        removed = 0
+        for entry in os.scandir(self.directory):
+            match = TEMP_NAME.fullmatch(entry.name)
+            if match and match['name'] in (self.name, self.name + '.resume') and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed += 1
+        if removed:
+            print(f'| removed {removed} temporary file(s) that a killed run left beside {self.save}', flush=True)
 
 
 def save(obj, path):
@@ -52,13 +133,13 @@ def load(path):
     """The checkpoint dict at path, on the CPU; a CheckpointError says why it cannot be used."""
     if not os.path.isfile(path):
         raise CheckpointError(f'checkpoint {path} does not exist.')
-    try:  # torch.load does not check the zip's CRC-32s, so flipped bytes in a tensor would load silently
-        with zipfile.ZipFile(path) as archive:
-            damaged = archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError):
-        damaged = None  # not a zip: torch.load below says what it is
-    if damaged is not None:
-        raise CheckpointError(f'{path} is corrupt (the checksum of {damaged} does not match).')
+    try:
+        with open(path, 'rb') as f:
+            is_zip = f.read(4) == b'PK\x03\x04'  # the test torch.load makes to read the file as a zip
+    except OSError:
+        is_zip = False  # torch.load below fails on it too, and says so
+    if is_zip:  # other files are legacy checkpoints or junk: torch.load below says which
+        check_archive(path)
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
@@ -100,14 +181,135 @@ def load_model(path):
     """(fp32 RNNModel on the CPU, idx2word, padding indices) from a best-model checkpoint."""
     ckpt = load(path)
     try:
-        model = RNNModel(**ckpt['model_args'])
-        model.load_state_dict({k: v.float() for k, v in ckpt['model'].items()})
-        vocab = ckpt['vocab']
-        if len(vocab['idx2word']) != model.encoder.num_embeddings:
-            raise ValueError('vocabulary size does not match the model')
+        missing = [key for key in ('model_args', 'model', 'vocab') if key not in ckpt]
+        if missing:
+            raise ValueError(f"it has no {' and no '.join(missing)}.")
+        args, weights, vocab = ckpt['model_args'], ckpt['model'], ckpt['vocab']
+        check_weights(weights)
+        check_model_args(args, weights)
+        check_vocab(vocab, args['ntoken'])
+        model = RNNModel(**args)
+        model.load_state_dict({k: v.float() for k, v in weights.items()})
     except CONTENT_ERRORS as e:
         raise CheckpointError(f'{path} is damaged or incompatible: {describe_error(e)}') from None
     return model, vocab['idx2word'], vocab['padding']
+
+
+def check_archive(path):
+    """Refuse a zip that torch.save could not have written, or whose CRC-32s do not match, before torch.load reads it.
+
+    torch.save stores its members uncompressed, so what torch.load allocates for them is bounded by
+    the file's size. A compressed member could inflate to any size (a zip bomb), and members that
+    declare more bytes than the file holds, or share its bytes, could make torch.load allocate more.
+    """
+    size = os.path.getsize(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            stored = 0
+            for member in archive.infolist():
+                if member.compress_type != zipfile.ZIP_STORED or member.flag_bits & 0x1:  # bit 0: encrypted
+                    raise CheckpointError(f'{path} is not a checkpoint written by torch.save '
+                                          f'(member {member.filename} is compressed or encrypted); refused.')
+                stored += member.file_size
+                if member.file_size != member.compress_size or member.header_offset + member.file_size > size \
+                        or stored > size:
+                    raise CheckpointError(f'{path} is corrupt (its member {member.filename} declares '
+                                          f'more bytes than the file holds).')
+            # torch.load does not check the CRC-32s, so flipped bytes in a tensor would load silently
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError):  # zipfile's errors on damage
+        raise CheckpointError(f'{path} is truncated or corrupt (its zip archive cannot be read).') from None
+    if damaged is not None:
+        raise CheckpointError(f'{path} is corrupt (the checksum of {damaged} does not match).')
+
+
+# RNNModel's arguments that count something, hence whole numbers of at least 1.
+MODEL_SIZES = ('ntoken', 'ninp', 'nhid', 'nlayers')
+
+
+def check_weights(weights):
+    """Raise ValueError unless weights map names to dense floating-point tensors on the CPU."""
+    if not isinstance(weights, dict):
+        raise ValueError(f'its weights are a {type(weights).__name__}, not a dict of tensors.')
+    for name, tensor in weights.items():
+        if not (isinstance(name, str) and isinstance(tensor, torch.Tensor) and tensor.layout == torch.strided
+                and not tensor.is_nested and tensor.device.type == 'cpu' and tensor.is_floating_point()):
+            raise ValueError(f'its weight {name!r} is {describe_value(tensor)}, '
+                             f'not a dense floating-point tensor stored in the file.')
+
+
+def check_model_args(args, weights):
+    """Raise ValueError unless args are RNNModel's arguments, each of the right type, for exactly the
+    shapes of weights, and the model built from them needs no more bytes than the file holds for weights.
+
+    model_args and a tensor's shape are only claims: a stride-0 view of one float has any shape, and
+    many weights can share one storage, so only the bytes behind the weights bound the model.
+    """
+    names = ('rnn_type', *MODEL_SIZES, 'dropout', 'tie_weights')
+    if not isinstance(args, dict) or set(args) != set(names):
+        raise ValueError(f"its model_args are not RNNModel's arguments {', '.join(names)}.")
+    valid = {'rnn_type': isinstance(args['rnn_type'], str) and args['rnn_type'] in RNN_TYPES,
+             **{name: type(args[name]) is int and args[name] >= 1 for name in MODEL_SIZES},  # bool is refused
+             'dropout': type(args['dropout']) in (int, float) and 0 <= args['dropout'] < 1,  # nan is refused
+             'tie_weights': type(args['tie_weights']) is bool}
+    wrong = [f'{name} {describe_value(args[name])}' for name, ok in valid.items() if not ok]
+    if wrong:
+        raise ValueError(f"its model_args hold {', '.join(wrong)}, which RNNModel cannot take.")
+    # Building even an empty model takes time in nlayers, so it must agree with the weights first.
+    layers = sum(bool(re.fullmatch(r'rnn\.weight_hh_l\d+', name)) for name in weights)
+    if args['nlayers'] != layers:
+        raise ValueError(f"its model_args ask for nlayers {args['nlayers']} but its weights hold {layers} RNN layers.")
+    shown = {'ntoken': ('encoder.weight', 0), 'ninp': ('encoder.weight', 1), 'nhid': ('rnn.weight_hh_l0', 1)}
+    for arg, (name, dim) in shown.items():
+        tensor = weights.get(name)
+        if tensor is None or tensor.dim() != 2 or tensor.shape[dim] != args[arg]:
+            have = 'missing' if tensor is None else describe_value(tensor)
+            raise ValueError(f'its model_args ask for {arg} {args[arg]} but its weight {name} is {have}.')
+    shapes = weight_shapes(args)
+    for name in sorted(shapes.keys() | weights.keys()):
+        if name not in weights or name not in shapes or tuple(weights[name].shape) != shapes[name]:
+            have = describe_value(weights[name]) if name in weights else 'missing'
+            need = f'shape {shapes[name]}' if name in shapes else 'no such weight'
+            raise ValueError(f'its weight {name} is {have}, but its model_args need {need}.')
+    # The tied decoder is the encoder's matrix, not a second one.
+    needed = sum(t.numel() * t.element_size() for name, t in weights.items()
+                 if not (args['tie_weights'] and name == 'decoder.weight'))
+    held = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in weights.values()}.values())
+    if needed > held:
+        raise ValueError(f'its weights claim {needed} bytes but the file holds only {held} bytes of them.')
+
+
+def weight_shapes(args):
+    """The shapes of the weights of RNNModel(**args), which is not built: its RNN is built on the meta
+    device, where nothing is allocated (an Embedding there would import sympy, a second's work)."""
+    ntoken, ninp, nhid = args['ntoken'], args['ninp'], args['nhid']
+    rnn_class = torch.nn.RNN if args['rnn_type'].startswith('RNN_') else getattr(torch.nn, args['rnn_type'])
+    rnn = rnn_class(ninp, nhid, args['nlayers'], device='meta')
+    return {'encoder.weight': (ntoken, ninp),
+            **{f'rnn.{name}': tuple(t.shape) for name, t in rnn.state_dict().items()},
+            'decoder.weight': (ntoken, nhid), 'decoder.bias': (ntoken,)}
+
+
+def check_vocab(vocab, ntoken):
+    """Raise ValueError unless vocab holds ntoken words, of which its padding indices are some but not all."""
+    words, padding = (vocab.get('idx2word'), vocab.get('padding')) if isinstance(vocab, dict) else (None, None)
+    if type(words) is not list:
+        raise ValueError(f'its vocabulary idx2word is {describe_value(words)}, not a list of words.')
+    not_words = [word for word in words if not isinstance(word, str)]
+    if not_words:
+        raise ValueError(f'its vocabulary idx2word holds {describe_value(not_words[0])}, which is not a word.')
+    if len(words) != ntoken:
+        raise ValueError(f'its vocabulary has {len(words)} words but its model has {ntoken}.')
+    if type(padding) is not list:
+        raise ValueError(f'its vocabulary padding is {describe_value(padding)}, not a list of word indices.')
+    not_indices = [i for i in padding if not (type(i) is int and 0 <= i < ntoken)]  # bool is refused
+    if not_indices:
+        raise ValueError(f'its vocabulary padding holds {describe_value(not_indices[0])}, '
+                         f'which is not a word index from 0 to {ntoken - 1}.')
+    if len(set(padding)) != len(padding):
+        raise ValueError('its vocabulary padding lists a word twice.')
+    if len(padding) == ntoken:
+        raise ValueError('every word of its vocabulary is padding, so there is no word to generate.')
 
 
 def describe_error(e):
@@ -116,10 +318,14 @@ def describe_error(e):
     return ' '.join(lines[:2]) or type(e).__name__
 
 
-# Flags a resumed run must share with the run it continues, as the user types them.
-RESUME_MUST_MATCH = {'model': '--model', 'emsize': '--emsize', 'nhid': '--nhid', 'nlayers': '--nlayers',
-                     'tied': '--tied', 'batch_size': '--batch_size', 'bptt': '--bptt', 'fp16': '--fp16',
-                     'amp': '--amp', 'bf16': '--bf16', 'dynamic_loss_scale': '--dynamic-loss-scale'}
+# --resume continues the saved run exactly, so every flag must be as it was saved, except these,
+# which change neither the model nor the numbers it computes.
+RESUME_MAY_CHANGE = ('epochs', 'save', 'log_interval', 'data', 'cuda', 'accel', 'resume')
+
+
+def flag_name(dest):
+    """The flag as the user types it (only --batch_size keeps pytorch/examples' underscore)."""
+    return '--' + (dest if dest == 'batch_size' else dest.replace('_', '-'))
 
 
 def save_resume(path, model, dictionary, args, recipe, progress):
@@ -133,33 +339,88 @@ def save_resume(path, model, dictionary, args, recipe, progress):
     save(ckpt, path)
 
 
-def load_resume(path, model, dictionary, args, recipe):
-    """Restore the model, the recipe and the RNGs from SAVE.resume; returns the loop's progress."""
+def load_resume(path, model, dictionary, args, recipe, progress_fields, nbatches):
+    """Restore the model, the recipe and the RNGs from SAVE.resume; returns the loop's progress.
+
+    Every field is checked before anything is restored: the flags against the saved ones, the
+    progress (progress_fields, its keys) against the nbatches batches of an epoch and the model.
+    """
     ckpt = load(path)
     if 'resume' not in ckpt:
         raise CannotResume(f'{path} is a best-model checkpoint, not a resume checkpoint (those are named SAVE.resume).')
     try:
         saved_args, saved_words, state = ckpt['args'], ckpt['vocab']['idx2word'], ckpt['resume']
-        if 'progress' not in state:
-            raise CannotResume(f'{path} was written by an earlier version of this example and cannot be resumed.')
-        differences = [f'{flag} was {saved_args.get(key, False)}, now {getattr(args, key, False)}'
-                       for key, flag in RESUME_MUST_MATCH.items() if saved_args.get(key, False) != getattr(args, key, False)]
+        if not isinstance(state.get('progress'), dict) or set(state['progress']) != set(progress_fields):
+            raise CannotResume(f'{path} was written by another version of this example and cannot be resumed.')
+        now = vars(args)  # a flag one script lacks (--dynamic-loss-scale) is off there
+        differences = [f'{flag_name(key)} was {saved_args.get(key, False)}, now {now.get(key, False)}'
+                       for key in sorted(set(saved_args) | set(now))
+                       if key not in RESUME_MAY_CHANGE and saved_args.get(key, False) != now.get(key, False)]
+        rule = (' (a resumed run continues the saved one exactly: only --epochs, --save, --log-interval, --data, '
+                '--cuda and --accel may change)') if differences else ''
         if saved_words != dictionary.idx2word:
             differences.append(f'the vocabulary differs ({len(saved_words)} words saved, {len(dictionary)} in --data)')
         if not differences and state['recipe'] != recipe.name:
             differences.append(f"the precision recipe was {state['recipe']}, now {recipe.name}")
         if differences:
-            raise CannotResume(f'cannot resume from {path}: ' + '; '.join(differences) + '.')
+            raise CannotResume(f'cannot resume from {path}: ' + '; '.join(differences) + rule + '.')
+        progress = dict(state['progress'])
+        check_progress(progress, nbatches, model.init_hidden(args.batch_size))
+        if not (isinstance(state['rng'], torch.Tensor) and isinstance(state['cuda_rng'], list)):
+            raise ValueError('the saved random number generator states are not tensors')
         model.load_state_dict(ckpt['model'])
         recipe.load_state_dict(state['recipe_state'])
         torch.set_rng_state(state['rng'])
         if state['cuda_rng']:
             torch.cuda.set_rng_state_all(state['cuda_rng'])
-        progress = dict(state['progress'])
         device = next(model.parameters()).device
         hidden = progress['hidden']
         if hidden is not None:
-            progress['hidden'] = tuple(h.to(device) for h in hidden) if isinstance(hidden, (tuple, list)) else hidden.to(device)
+            progress['hidden'] = tuple(h.to(device) for h in hidden) if isinstance(hidden, tuple) else hidden.to(device)
     except CONTENT_ERRORS as e:
         raise CheckpointError(f'{path} is damaged or incompatible: {describe_error(e)}') from None
     return progress
+
+
+def check_progress(progress, nbatches, initial_hidden):
+    """Raise ValueError naming the first saved progress field a run could not continue from."""
+    def is_int(x, low, high=math.inf):
+        return type(x) is int and low <= x <= high  # bool is an int too, and is refused
+
+    def is_number(x, low=0.0):
+        return type(x) is float and math.isfinite(x) and x >= low
+
+    p = progress
+    checks = {
+        'epoch': is_int(p['epoch'], 1),
+        'next_batch': is_int(p['next_batch'], 0, nbatches - 1),
+        'best_val_loss': p['best_val_loss'] is None or is_number(p['best_val_loss']),
+        'skipped': is_int(p['skipped'], 0),
+        'epoch_skipped': is_int(p['epoch_skipped'], 0, p['skipped'] if is_int(p['skipped'], 0) else 0),
+        'line_start': is_int(p['line_start'], 0, p['next_batch'] if is_int(p['next_batch'], 0) else 0),
+        'line_loss': is_number(p['line_loss']),
+        'line_tokens': is_int(p['line_tokens'], 0),
+        'line_seconds': is_number(p['line_seconds']),
+        'hidden': (p['hidden'] is None) == (p['next_batch'] == 0) and same_shapes(p['hidden'], initial_hidden),
+    }
+    for field, ok in checks.items():
+        if not ok:
+            raise ValueError(f'its progress field {field} is {describe_value(p[field])}, which this run cannot continue from.')
+
+
+def same_shapes(hidden, initial):
+    """hidden is None, or floating-point tensors shaped like the model's initial hidden state."""
+    if hidden is None:
+        return True
+    if isinstance(initial, tuple):
+        return (isinstance(hidden, tuple) and len(hidden) == len(initial)
+                and all(same_shapes(h, i) for h, i in zip(hidden, initial)))
+    return isinstance(hidden, torch.Tensor) and hidden.is_floating_point() and hidden.shape == initial.shape
+
+
+def describe_value(x):
+    if isinstance(x, torch.Tensor):
+        return f'a {x.dtype} tensor of shape {tuple(x.shape)}'
+    if isinstance(x, (tuple, list)):
+        return f'a {type(x).__name__} of {len(x)} items'
+    return repr(x)[:60]

@@ -5,6 +5,7 @@ vocabulary up to a multiple of 8) are never sampled.
 """
 import argparse
 import os
+import signal
 import sys
 
 import torch
@@ -54,17 +55,25 @@ def main(argv=None):
 
     hidden = model.init_hidden(1)
     token = real_words[torch.randint(len(real_words), (1,), device=device)].view(1, 1)
-    with checkpoint.atomic_write(args.outf, 'w', encoding='utf-8') as outf, torch.no_grad():
-        for i in range(args.words):
-            logits, hidden = model(token, hidden)
-            probs = torch.softmax(logits.view(-1) / args.temperature + logit_mask, dim=0)
-            word_id = torch.multinomial(probs, 1).item()
-            token.fill_(word_id)
-            outf.write(idx2word[word_id] + ('\n' if i % 20 == 19 else ' '))
-            if (i + 1) % args.log_interval == 0:
-                print(f'| Generated {i + 1}/{args.words} words', flush=True)
-        if args.words % 20:
-            outf.write('\n')
+    # A signal stops sampling after the current word; the words sampled so far are still written.
+    with cli.StopRequest('word') as stop:
+        with checkpoint.atomic_write(args.outf, 'w', encoding='utf-8') as outf, torch.no_grad():
+            generated = 0
+            while generated < args.words and not stop.requested:
+                logits, hidden = model(token, hidden)
+                probs = torch.softmax(logits.view(-1) / args.temperature + logit_mask, dim=0)
+                word_id = torch.multinomial(probs, 1).item()
+                token.fill_(word_id)
+                generated += 1
+                outf.write(idx2word[word_id] + ('\n' if generated % 20 == 0 else ' '))
+                if generated % args.log_interval == 0:
+                    print(f'| Generated {generated}/{args.words} words', flush=True)
+            if generated % 20:
+                outf.write('\n')
+        if stop.requested:
+            print(f'| stopped by {signal.Signals(stop.signum).name} after {generated} of {args.words} words; '
+                  f'{generated} words written to {args.outf}', flush=True)
+        return stop.exit_code
 
 
 if __name__ == '__main__':

@@ -6,10 +6,10 @@
 The recipe (recipes.py) decides how each update is made: fp32, --amp, --bf16 here,
 the classic fp16 recipes in main.py and main_fp16_optimizer.py.
 """
+import contextlib
 import dataclasses
 import math
 import os
-import signal
 import time
 
 import torch
@@ -68,12 +68,21 @@ class Run:
 
 @dataclasses.dataclass
 class Progress:
-    """Where the run is: what SAVE.resume records so that --resume continues exactly."""
+    """Where the run is: what SAVE.resume records so that --resume continues exactly,
+    down to the progress line that was being summed when the run stopped."""
     epoch: int = 1
     next_batch: int = 0          # the batch of the epoch to train next
     hidden: object = None        # the RNN state carried into next_batch
     best_val_loss: float = None
     skipped: int = 0             # updates skipped for non-finite gradients, over the whole run
+    epoch_skipped: int = 0       # ... and in this epoch
+    line_start: int = 0          # the first batch of the next progress line
+    line_loss: float = 0.0       # summed loss, tokens and seconds of batches line_start .. next_batch - 1
+    line_tokens: int = 0
+    line_seconds: float = 0.0
+
+    def next_epoch(self):
+        return Progress(epoch=self.epoch + 1, best_val_loss=self.best_val_loss, skipped=self.skipped)
 
 
 # ---------------------------------------------------------------- train an epoch
@@ -108,33 +117,38 @@ def train_epoch(run, recipe, progress, stop):
     model.train()
     hidden = progress.hidden if progress.hidden is not None else model.init_hidden(args.batch_size)
     starts = run.batch_starts
-    total_loss = torch.zeros((), device=run.device)  # summed on the device: no host sync per batch
-    first_batch = logged = progress.next_batch
-    tokens, skipped_at_start = 0, progress.skipped
-    start = epoch_start = time.time()
+    line_loss = torch.tensor(progress.line_loss, device=run.device)  # summed on the device: no host sync per batch
+    first_batch = progress.next_batch
+    epoch_start = line_clock = time.time()
     for batch in range(first_batch, len(starts)):
         inputs, targets = data.get_batch(run.train_data, starts[batch], args.bptt)
         loss, hidden, updated = train_batch(model, recipe, inputs, targets, hidden)
         if not updated:
             progress.skipped += 1
+            progress.epoch_skipped += 1
             scale = '' if recipe.loss_scale is None else f', loss scale now {recipe.loss_scale:g}'
             print(f'| gradients are not finite: update skipped ({progress.skipped} so far{scale})', flush=True)
-        total_loss += loss
-        tokens += targets.numel()
+        line_loss += loss
+        progress.line_tokens += targets.numel()
         done = batch + 1
-        if done % args.log_interval == 0 or stop.requested:
-            cur_loss = total_loss.item() / (done - logged)
-            elapsed = time.time() - start
+        progress.next_batch = done
+        if done % args.log_interval == 0:
+            batches = done - progress.line_start
+            cur_loss = line_loss.item() / batches
+            seconds = progress.line_seconds + time.time() - line_clock
             eta = (time.time() - epoch_start) / (done - first_batch) * (len(starts) - done)
             scale = '' if recipe.loss_scale is None else f' | loss scale {recipe.loss_scale:g}'
             print(f'| epoch {progress.epoch:3d} | {done:5d}/{len(starts):5d} batches | lr {learning_rate(recipe):02.2f} '
-                  f'| ms/batch {elapsed * 1000 / (done - logged):5.2f} | loss {cur_loss:5.2f} | ppl {ppl(cur_loss):8.2f} '
-                  f'| tok/s {tokens / elapsed:7.0f} | eta {eta:4.0f}s{scale} '
-                  f'| skipped {progress.skipped - skipped_at_start}', flush=True)
-            total_loss.zero_()
-            tokens, logged, start = 0, done, time.time()
-        progress.next_batch, progress.hidden = done, hidden
-        if stop.requested:
+                  f'| ms/batch {seconds * 1000 / batches:5.2f} | loss {cur_loss:5.2f} | ppl {ppl(cur_loss):8.2f} '
+                  f'| tok/s {progress.line_tokens / seconds:7.0f} | eta {eta:4.0f}s{scale} '
+                  f'| skipped {progress.epoch_skipped}', flush=True)
+            line_loss.zero_()
+            progress.line_start, progress.line_tokens, progress.line_seconds = done, 0, 0.0
+            line_clock = time.time()
+        if stop.requested:  # SAVE.resume keeps the state and the unfinished line, so the resumed run prints it whole
+            progress.hidden = repackage_hidden(hidden)  # without the graph of the last batch
+            progress.line_loss = line_loss.item()
+            progress.line_seconds += time.time() - line_clock
             return
 
 
@@ -164,7 +178,7 @@ def train(run, recipe):
     """Train epoch after epoch, keep the best model, anneal the learning rate; then test.
 
     After every epoch, and when a stop is requested, SAVE.resume records the run so that
-    --resume continues it exactly. Returns the exit code (143 after SIGTERM, else 0).
+    --resume continues it exactly. Returns the exit code (128 + signum after SIGTERM or SIGHUP, else 0).
     """
     args, model = run.args, run.model
     resume_file = args.save + '.resume'
@@ -172,13 +186,16 @@ def train(run, recipe):
     def save_resume():
         checkpoint.save_resume(resume_file, model, run.corpus.dictionary, args, recipe, dataclasses.asdict(progress))
 
-    progress = Progress()
-    if args.resume:
-        progress = Progress(**checkpoint.load_resume(args.resume, model, run.corpus.dictionary, args, recipe))
-        print(f'| resuming {args.resume} at epoch {progress.epoch}, batch {progress.next_batch}', flush=True)
-    print(f'| device {run.device} | precision {recipe.describe()} | vocabulary {run.ntokens} '
-          f'| train tokens {len(run.corpus.train)}', flush=True)
-    with StopRequest() as stop:
+    # One run per --save (a second is refused); Ctrl-C, SIGTERM or SIGHUP stops after the current batch.
+    with checkpoint.SaveLock(args.save), StopRequest() as stop:
+        progress = Progress()
+        if args.resume:
+            saved = checkpoint.load_resume(args.resume, model, run.corpus.dictionary, args, recipe,
+                                           [f.name for f in dataclasses.fields(Progress)], len(run.batch_starts))
+            progress = Progress(**saved)
+            print(f'| resuming {args.resume} at epoch {progress.epoch}, batch {progress.next_batch}', flush=True)
+        print(f'| device {run.device} | precision {recipe.describe()} | vocabulary {run.ntokens} '
+              f'| train tokens {len(run.corpus.train)}', flush=True)
         try:
             while progress.epoch <= args.epochs and not stop.requested:
                 epoch_start = time.time()
@@ -194,14 +211,16 @@ def train(run, recipe):
                 print('-' * 89, flush=True)
                 if progress.best_val_loss is None or val_loss < progress.best_val_loss:
                     progress.best_val_loss = val_loss
-                    checkpoint.save(checkpoint.model_checkpoint(model, run.corpus.dictionary, args, val_loss),
-                                    args.save)
+                    with stopping_if_lost(f'the epoch {progress.epoch} model (valid loss {val_loss:.2f}) is lost'):
+                        checkpoint.save(checkpoint.model_checkpoint(model, run.corpus.dictionary, args, val_loss),
+                                        args.save)
                 else:
                     # No improvement on validation: anneal the learning rate.
                     for group in recipe.optimizer.param_groups:
                         group['lr'] /= 4.0
-                progress.epoch, progress.next_batch, progress.hidden = progress.epoch + 1, 0, None
-                save_resume()
+                progress = progress.next_epoch()
+                with stopping_if_lost('--resume can continue only from an earlier SAVE.resume'):
+                    save_resume()
         except TrainingDiverged:
             kept = (f'the best model so far is kept in {args.save}' if progress.best_val_loss is not None
                     else 'no model was saved')
@@ -210,11 +229,22 @@ def train(run, recipe):
                 f'{learning_rate(recipe):g} (try a smaller --lr); {kept}.') from None
         if stop.requested:
             if progress.next_batch:
-                save_resume()
+                with stopping_if_lost(f'the {progress.next_batch} batches of epoch {progress.epoch} cannot be resumed'):
+                    save_resume()
             print('-' * 89)
-            print(f'Exiting from training early; continue with --resume {resume_file}')
+            print(f'Exiting from training early at epoch {progress.epoch}, batch {progress.next_batch}; '
+                  f'continue with --resume {resume_file}')
         final_test(run, recipe, progress)
-    return 128 + signal.SIGTERM if stop.signum == signal.SIGTERM else 0
+    return stop.exit_code
+
+
+@contextlib.contextmanager
+def stopping_if_lost(what):
+    """A save that fails stops the run with one sentence that says what was lost; files saved before stay whole."""
+    try:
+        yield
+    except checkpoint.WriteError as e:
+        raise checkpoint.WriteError(f'{e}; {what} (files saved before are unchanged).') from None
 
 
 def final_test(run, recipe, progress):

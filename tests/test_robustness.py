@@ -473,7 +473,7 @@ def test_resume_refuses_an_earlier_versions_resume_file(tmp_path, call_script, c
     before = snapshot(tmp_path)
     proc = call_script('main.py', '--data', corpus_dir, *SMALL, '--epochs', 5, '--resume', 'old.pt.resume', cwd=tmp_path)
     line = error_line(proc, 'main.py', 2)
-    assert 'old.pt.resume was written by an earlier version of this example and cannot be resumed.' in line, line
+    assert 'old.pt.resume was written by another version of this example and cannot be resumed.' in line, line
     assert '| epoch' not in proc.stdout
     assert_unchanged(before, tmp_path)
 
@@ -670,16 +670,16 @@ def test_signal_stops_after_the_batch(signame, expected_rc, tmp_path, corpus_dir
     assert 'Traceback' not in out + done.stderr and 'KeyboardInterrupt' not in out + done.stderr, describe(done)
     assert ': error: ' not in done.stderr, describe(done)
     assert f'| {signame}: stopping after this batch' in out
-    assert 'Exiting from training early; continue with --resume model.pt.resume' in out
+    ckpt = checkpoint.load(str(tmp_path / 'model.pt.resume'))
+    state = ckpt['resume']['progress']
+    assert (f'Exiting from training early at epoch {state["epoch"]}, batch {state["next_batch"]}; '
+            'continue with --resume model.pt.resume') in out
     end_line(out)
     assert not temp_files(tmp_path)
 
-    ckpt = checkpoint.load(str(tmp_path / 'model.pt.resume'))
-    state = ckpt['resume']['progress']
     finished = out.count('| end of epoch')
     assert state['epoch'] == finished + 1 and finished < 1000, (state['epoch'], state['next_batch'], out)
-    if state['next_batch']:  # stopped inside an epoch: the last batch trained is logged
-        assert re.search(rf'^\| epoch +{state["epoch"]} \| +{state["next_batch"]}/', out, re.MULTILINE), out
+    if state['next_batch']:  # stopped inside an epoch
         assert state['hidden'] is not None  # the RNN state carried into the next batch
     best = checkpoint.load(str(tmp_path / 'model.pt'))
     valid = [float(v) for v in re.findall(r'\| valid loss +(\d+\.\d+)', out)]

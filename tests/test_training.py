@@ -88,11 +88,22 @@ def test_train_epoch_without_skips_counts_none(capsys):
     assert progress.skipped == 0 and periodic_skips(out) == [0, 0, 0]
 
 
-def test_train_epoch_stops_when_asked_and_continues_from_next_batch(capsys):
-    """A stop request ends the epoch after the current batch (logging it); train_epoch with the same
-    progress continues from the next batch and carries the hidden state and the skip count on."""
-    run = tiny_run(log_interval=100)
-    recipe = SkippingRecipe(run.model, skip={1})
+def progress_lines(out):
+    """The periodic progress lines, with the timing columns (ms/batch, tok/s, eta) blanked."""
+    return [re.sub(r'(ms/batch|tok/s|eta) +[\d.]+s?', r'\1 _', line) for line in out.splitlines() if line.startswith('| epoch')]
+
+
+def test_train_epoch_stops_when_asked_and_continues_with_the_same_lines(capsys):
+    """A stop request ends the epoch after the current batch; train_epoch with the same progress
+    continues from the next batch, carrying on the hidden state, the skip count and the progress
+    line being summed: it prints the lines of an uninterrupted epoch, skipped counts included."""
+    run = tiny_run(log_interval=4)
+    training.train_epoch(run, SkippingRecipe(run.model, skip={1, 3}), training.Progress(), SimpleNamespace(requested=False))
+    uninterrupted = progress_lines(capsys.readouterr().out)
+    assert len(uninterrupted) == 1 and uninterrupted[0].endswith('| skipped 2'), uninterrupted
+
+    run = tiny_run(log_interval=4)
+    recipe = SkippingRecipe(run.model, skip={1, 3})
     progress = training.Progress()
     stop = SimpleNamespace(requested=False)
     calls = []
@@ -108,11 +119,12 @@ def test_train_epoch_stops_when_asked_and_continues_from_next_batch(capsys):
         mp.setattr(training, 'train_batch', train_batch)
         training.train_epoch(run, recipe, progress, stop)
         assert progress.next_batch == 2 and progress.hidden is not None and progress.skipped == 1
-        out = capsys.readouterr().out
-        assert re.search(r'^\| epoch +1 \| +2/ +6 batches .* \| skipped 1$', out, re.M), out
+        assert (progress.line_start, progress.line_tokens) == (0, 2 * 2 * 3) and progress.line_loss > 0
+        assert not progress_lines(capsys.readouterr().out)  # the line spanning the stop is printed once, after it
         stop.requested = False
         training.train_epoch(run, recipe, progress, stop)
-    assert progress.next_batch == 6 and progress.skipped == 1
+    assert progress.next_batch == 6 and progress.skipped == 2
+    assert progress_lines(capsys.readouterr().out) == uninterrupted
     assert len(calls) == 6
     expected = [data.get_batch(run.train_data, i, 3)[0] for i in run.batch_starts]
     assert all(torch.equal(a, b) for a, b in zip(calls, expected))
@@ -131,7 +143,8 @@ def test_save_resume_round_trip(tmp_path):
     recipe.scaler.scale(torch.ones(()))  # (GradScaler makes its scale on first use)
     recipe.scaler.update(1024.0)
     hidden = model.init_hidden(2)
-    progress = training.Progress(epoch=3, next_batch=4, hidden=hidden, best_val_loss=2.5, skipped=7)
+    progress = training.Progress(epoch=3, next_batch=4, hidden=hidden, best_val_loss=2.5, skipped=7, epoch_skipped=2,
+                                 line_start=2, line_loss=9.25, line_tokens=12, line_seconds=0.5)
     path = str(tmp_path / 'model.pt.resume')
     checkpoint.save_resume(path, model, dictionary, args, recipe, dataclasses.asdict(progress))
     rng_after_save = torch.get_rng_state()
@@ -140,11 +153,12 @@ def test_save_resume_round_trip(tmp_path):
     torch.manual_seed(1)
     other = RNNModel('LSTM', NTOKEN, 8, 8, 1, dropout=0.0)
     other_recipe = recipes.AutocastRecipe(other, 2.0, 1.0, torch.float16)
-    restored = checkpoint.load_resume(path, other, dictionary, args, other_recipe)
+    fields = [f.name for f in dataclasses.fields(training.Progress)]
+    restored = checkpoint.load_resume(path, other, dictionary, args, other_recipe, fields, nbatches=5)
     assert torch.equal(torch.get_rng_state(), rng_after_save) and torch.equal(torch.rand(3), expected_draw)
     assert restored.keys() == {f.name for f in dataclasses.fields(training.Progress)}
-    assert training.Progress(**restored).skipped == 7
-    assert (restored['epoch'], restored['next_batch'], restored['best_val_loss']) == (3, 4, 2.5)
+    saved = dataclasses.asdict(progress)
+    assert {k: v for k, v in restored.items() if k != 'hidden'} == {k: v for k, v in saved.items() if k != 'hidden'}
     assert all(torch.equal(a, b) for a, b in zip(restored['hidden'], hidden))
     assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), model.state_dict().values()))
     assert other_recipe.loss_scale == 1024.0 and other_recipe.optimizer.param_groups[0]['lr'] == 0.5
@@ -154,4 +168,4 @@ def test_save_resume_round_trip(tmp_path):
     # the same flags with another recipe: refused, with both short names
     bf16 = recipes.AutocastRecipe(other, 0.5, 1.0, torch.bfloat16)
     with pytest.raises(checkpoint.CannotResume, match=r'the precision recipe was amp, now bf16\.$'):
-        checkpoint.load_resume(path, other, dictionary, args, bf16)
+        checkpoint.load_resume(path, other, dictionary, args, bf16, fields, nbatches=5)
