@@ -10,7 +10,7 @@ import zipfile
 
 import torch
 
-from model import RNN_TYPES, RNNModel
+from model import MODEL_TYPES, build_model
 
 FORMAT = 'word_language_model/1'
 
@@ -156,9 +156,13 @@ def load(path):
 
 
 def model_args(model):
-    return dict(rnn_type=model.rnn_type, ntoken=model.encoder.num_embeddings, ninp=model.encoder.embedding_dim,
+    """What build_model rebuilds the model from (nhead only for the Transformer: RNN checkpoints are as before)."""
+    args = dict(rnn_type=model.rnn_type, ntoken=model.encoder.num_embeddings, ninp=model.encoder.embedding_dim,
                 nhid=model.nhid, nlayers=model.nlayers, dropout=model.drop.p,
                 tie_weights=model.decoder.weight is model.encoder.weight)
+    if model.rnn_type == 'Transformer':
+        args['nhead'] = model.nhead
+    return args
 
 
 def model_checkpoint(model, dictionary, args, best_val_loss):
@@ -178,7 +182,7 @@ CONTENT_ERRORS = (KeyError, TypeError, ValueError, RuntimeError, AttributeError)
 
 
 def load_model(path):
-    """(fp32 RNNModel on the CPU, idx2word, padding indices) from a best-model checkpoint."""
+    """(fp32 RNNModel or TransformerModel on the CPU, idx2word, padding indices) from a best-model checkpoint."""
     ckpt = load(path)
     try:
         missing = [key for key in ('model_args', 'model', 'vocab') if key not in ckpt]
@@ -188,7 +192,7 @@ def load_model(path):
         check_weights(weights)
         check_model_args(args, weights)
         check_vocab(vocab, args['ntoken'])
-        model = RNNModel(**args)
+        model = build_model(**args)
         model.load_state_dict({k: v.float() for k, v in weights.items()})
     except CONTENT_ERRORS as e:
         raise CheckpointError(f'{path} is damaged or incompatible: {describe_error(e)}') from None
@@ -239,27 +243,36 @@ def check_weights(weights):
 
 
 def check_model_args(args, weights):
-    """Raise ValueError unless args are RNNModel's arguments, each of the right type, for exactly the
-    shapes of weights, and the model built from them needs no more bytes than the file holds for weights.
+    """Raise ValueError unless args are RNNModel's (or TransformerModel's) arguments, each of the right type, for
+    exactly the shapes of weights, and the model built from them needs no more bytes than the file holds for weights.
 
     model_args and a tensor's shape are only claims: a stride-0 view of one float has any shape, and
     many weights can share one storage, so only the bytes behind the weights bound the model.
     """
-    names = ('rnn_type', *MODEL_SIZES, 'dropout', 'tie_weights')
+    transformer = isinstance(args, dict) and args.get('rnn_type') == 'Transformer'
+    model_class, kind = ('TransformerModel', 'Transformer') if transformer else ('RNNModel', 'RNN')
+    names = ('rnn_type', *MODEL_SIZES, 'dropout', 'tie_weights', *(('nhead',) if transformer else ()))
     if not isinstance(args, dict) or set(args) != set(names):
-        raise ValueError(f"its model_args are not RNNModel's arguments {', '.join(names)}.")
-    valid = {'rnn_type': isinstance(args['rnn_type'], str) and args['rnn_type'] in RNN_TYPES,
+        raise ValueError(f"its model_args are not {model_class}'s arguments {', '.join(names)}.")
+    valid = {'rnn_type': isinstance(args['rnn_type'], str) and args['rnn_type'] in MODEL_TYPES,
              **{name: type(args[name]) is int and args[name] >= 1 for name in MODEL_SIZES},  # bool is refused
              'dropout': type(args['dropout']) in (int, float) and 0 <= args['dropout'] < 1,  # nan is refused
              'tie_weights': type(args['tie_weights']) is bool}
+    if transformer:  # each head takes ninp / nhead dimensions
+        valid['nhead'] = (type(args['nhead']) is int and args['nhead'] >= 1 and valid['ninp']
+                          and args['ninp'] % args['nhead'] == 0)
     wrong = [f'{name} {describe_value(args[name])}' for name, ok in valid.items() if not ok]
     if wrong:
-        raise ValueError(f"its model_args hold {', '.join(wrong)}, which RNNModel cannot take.")
+        raise ValueError(f"its model_args hold {', '.join(wrong)}, which {model_class} cannot take.")
     # Building even an empty model takes time in nlayers, so it must agree with the weights first.
-    layers = sum(bool(re.fullmatch(r'rnn\.weight_hh_l\d+', name)) for name in weights)
+    layer_weight = r'transformer\.layers\.\d+\.self_attn\.in_proj_weight' if transformer else r'rnn\.weight_hh_l\d+'
+    layers = sum(bool(re.fullmatch(layer_weight, name)) for name in weights)
     if args['nlayers'] != layers:
-        raise ValueError(f"its model_args ask for nlayers {args['nlayers']} but its weights hold {layers} RNN layers.")
-    shown = {'ntoken': ('encoder.weight', 0), 'ninp': ('encoder.weight', 1), 'nhid': ('rnn.weight_hh_l0', 1)}
+        raise ValueError(f"its model_args ask for nlayers {args['nlayers']} but its weights hold {layers} {kind} "
+                         f"layers.")
+    # nhid is the Transformer's feed-forward width, the rows of each layer's linear1.
+    nhid_shown = ('transformer.layers.0.linear1.weight', 0) if transformer else ('rnn.weight_hh_l0', 1)
+    shown = {'ntoken': ('encoder.weight', 0), 'ninp': ('encoder.weight', 1), 'nhid': nhid_shown}
     for arg, (name, dim) in shown.items():
         tensor = weights.get(name)
         if tensor is None or tensor.dim() != 2 or tensor.shape[dim] != args[arg]:
@@ -280,9 +293,15 @@ def check_model_args(args, weights):
 
 
 def weight_shapes(args):
-    """The shapes of the weights of RNNModel(**args), which is not built: its RNN is built on the meta
-    device, where nothing is allocated (an Embedding there would import sympy, a second's work)."""
+    """The shapes of the weights of build_model(**args), which is not built: its RNN, or one Transformer layer,
+    is built on the meta device, where nothing is allocated (an Embedding there would import sympy, a second's work)."""
     ntoken, ninp, nhid = args['ntoken'], args['ninp'], args['nhid']
+    if args['rnn_type'] == 'Transformer':
+        layer = torch.nn.TransformerEncoderLayer(ninp, args['nhead'], nhid, device='meta')
+        return {'encoder.weight': (ntoken, ninp),
+                **{f'transformer.layers.{i}.{name}': tuple(t.shape)
+                   for i in range(args['nlayers']) for name, t in layer.state_dict().items()},
+                'decoder.weight': (ntoken, ninp), 'decoder.bias': (ntoken,)}
     rnn_class = torch.nn.RNN if args['rnn_type'].startswith('RNN_') else getattr(torch.nn, args['rnn_type'])
     rnn = rnn_class(ninp, nhid, args['nlayers'], device='meta')
     return {'encoder.weight': (ntoken, ninp),
@@ -320,7 +339,7 @@ def describe_error(e):
 
 # --resume continues the saved run exactly, so every flag must be as it was saved, except these,
 # which change neither the model nor the numbers it computes.
-RESUME_MAY_CHANGE = ('epochs', 'save', 'log_interval', 'data', 'cuda', 'accel', 'resume')
+RESUME_MAY_CHANGE = ('epochs', 'save', 'log_interval', 'data', 'cuda', 'accel', 'resume', 'onnx_export')
 
 
 def flag_name(dest):
@@ -353,11 +372,13 @@ def load_resume(path, model, dictionary, args, recipe, progress_fields, nbatches
         if not isinstance(state.get('progress'), dict) or set(state['progress']) != set(progress_fields):
             raise CannotResume(f'{path} was written by another version of this example and cannot be resumed.')
         now = vars(args)  # a flag one script lacks (--dynamic-loss-scale) is off there
+        # --nhead means nothing to an RNN, whose runs saved before the flag existed do not hold it.
+        may_change = RESUME_MAY_CHANGE + (('nhead',) if args.model != 'Transformer' else ())
         differences = [f'{flag_name(key)} was {saved_args.get(key, False)}, now {now.get(key, False)}'
                        for key in sorted(set(saved_args) | set(now))
-                       if key not in RESUME_MAY_CHANGE and saved_args.get(key, False) != now.get(key, False)]
+                       if key not in may_change and saved_args.get(key, False) != now.get(key, False)]
         rule = (' (a resumed run continues the saved one exactly: only --epochs, --save, --log-interval, --data, '
-                '--cuda and --accel may change)') if differences else ''
+                '--cuda, --accel and --onnx-export may change)') if differences else ''
         if saved_words != dictionary.idx2word:
             differences.append(f'the vocabulary differs ({len(saved_words)} words saved, {len(dictionary)} in --data)')
         if not differences and state['recipe'] != recipe.name:
@@ -401,7 +422,9 @@ def check_progress(progress, nbatches, initial_hidden):
         'line_loss': is_number(p['line_loss']),
         'line_tokens': is_int(p['line_tokens'], 0),
         'line_seconds': is_number(p['line_seconds']),
-        'hidden': (p['hidden'] is None) == (p['next_batch'] == 0) and same_shapes(p['hidden'], initial_hidden),
+        # An RNN run carries a state from batch 1 on; a Transformer (initial_hidden None) never has one.
+        'hidden': ((p['hidden'] is None) == (p['next_batch'] == 0 or initial_hidden is None)
+                   and same_shapes(p['hidden'], initial_hidden)),
     }
     for field, ok in checks.items():
         if not ok:

@@ -13,8 +13,9 @@ import torch
 
 import checkpoint
 import data
+import onnx_export
 import recipes
-from model import RNN_TYPES
+from model import MODEL_TYPES, TransformerModel
 
 
 class UsageError(Exception):
@@ -54,7 +55,7 @@ def training_parser(description):
     p.add_argument('--data', type=str, default=data.DEFAULT_DATA,
                    help='directory holding train.txt, valid.txt and test.txt; '
                         'WikiText-2 is downloaded there if it is the default and missing')
-    p.add_argument('--model', type=str, default='LSTM', help=f'recurrent layer type: {", ".join(RNN_TYPES)}')
+    p.add_argument('--model', type=str, default='LSTM', help=f'model type: {", ".join(MODEL_TYPES)}')
     p.add_argument('--emsize', type=int, default=1504, help='word embedding width')
     p.add_argument('--nhid', type=int, default=1504, help='hidden state width of each RNN layer')
     p.add_argument('--nlayers', type=int, default=2, help='how many RNN layers are stacked')
@@ -64,7 +65,7 @@ def training_parser(description):
     p.add_argument('--batch_size', type=int, default=24, metavar='N', help='columns the training text is cut into (the batch dimension)')
     p.add_argument('--bptt', type=int, default=35, help='steps of truncated backpropagation through time per batch')
     p.add_argument('--dropout', type=float, default=0.65, help='dropout probability after the embedding, between layers and before the decoder')
-    p.add_argument('--tied', action='store_true', help='share one matrix between the embedding and the decoder (needs emsize == nhid)')
+    p.add_argument('--tied', action='store_true', help='share one matrix between the embedding and the decoder (an RNN needs emsize == nhid)')
     p.add_argument('--seed', type=int, default=1111, help='seed for torch\'s random number generators')
     add_device_flags(p)
     p.add_argument('--log-interval', type=int, default=200, metavar='N', help='print a progress line every N batches')
@@ -80,12 +81,18 @@ def training_parser(description):
                    help='static loss scale for --fp16 (default 128); powers of 2 keep the scaling exact')
     p.add_argument('--resume', type=str, default=None, metavar='CHECKPOINT',
                    help='continue the run saved in CHECKPOINT (SAVE.resume, written after every epoch and on Ctrl-C)')
+    p.add_argument('--nhead', type=int, default=2, help='attention heads in each layer of --model Transformer')
+    p.add_argument('--use-optimizer', action='store_true', help='update with AdamW (lr as given) instead of plain SGD')
+    p.add_argument('--dry-run', action='store_true',
+                   help='one batch of training and of evaluation per epoch, to check the code and the model quickly')
+    p.add_argument('--onnx-export', type=str, default='', metavar='PATH',
+                   help='after training, export the best model to ONNX at PATH (fp32; needs requirements-onnx.txt)')
     return p
 
 
 # Flags that must hold positive integers, as the user types them.
 POSITIVE_FLAGS = {'emsize': '--emsize', 'nhid': '--nhid', 'nlayers': '--nlayers', 'epochs': '--epochs',
-                  'batch_size': '--batch_size', 'bptt': '--bptt', 'log_interval': '--log-interval'}
+                  'batch_size': '--batch_size', 'bptt': '--bptt', 'log_interval': '--log-interval', 'nhead': '--nhead'}
 
 
 
@@ -99,9 +106,11 @@ def check_training_args(args):
     for flag, value in (('--lr', args.lr), ('--clip', args.clip), ('--static-loss-scale', args.static_loss_scale)):
         if value is not None and not (value > 0 and math.isfinite(value)):
             raise UsageError(f'{flag} must be a positive number (got {value:g}).')
-    if args.model not in RNN_TYPES:
-        raise UsageError(f"--model {args.model} is not a known rnn type; choose one of {', '.join(RNN_TYPES)}.")
-    if args.tied and args.emsize != args.nhid:
+    if args.model not in MODEL_TYPES:
+        raise UsageError(f"--model {args.model} is not a known model type; choose one of {', '.join(MODEL_TYPES)}.")
+    if args.model == 'Transformer':
+        check_transformer_args(args)
+    elif args.tied and args.emsize != args.nhid:
         raise UsageError(f'--tied needs --emsize equal to --nhid (got emsize {args.emsize}, nhid {args.nhid}).')
     if not uses_default_data(args.data) and not os.path.isdir(args.data):
         raise UsageError(f'--data {args.data}: no such directory.')
@@ -111,12 +120,34 @@ def check_training_args(args):
     check_output_file('SAVE.resume', args.save + '.resume', data_files)
     if args.resume is not None and not os.path.isfile(args.resume):
         raise UsageError(f'--resume {args.resume}: no such file.')
+    if args.onnx_export:
+        check_onnx_export(args, data_files)
     if args.static_loss_scale is None:
         args.static_loss_scale = 128.0 if args.fp16 else 1.0
     elif not args.fp16 and args.static_loss_scale != 1.0:
         print('Warning:  static_loss_scale != 1.0 is only necessary with --fp16. '
               'Resetting static_loss_scale to 1.0')
         args.static_loss_scale = 1.0
+
+
+def check_transformer_args(args):
+    """Each attention head takes emsize / nhead dimensions; the positional encoding holds MAX_LEN positions."""
+    if args.emsize % args.nhead:
+        raise UsageError(f'--emsize {args.emsize} must be a multiple of --nhead {args.nhead} with --model Transformer.')
+    if args.bptt > TransformerModel.MAX_LEN:
+        raise UsageError(f'--bptt must be at most {TransformerModel.MAX_LEN} with --model Transformer (got {args.bptt}).')
+
+
+def check_onnx_export(args, data_files):
+    """--onnx-export is written after training: its packages and its path are checked before it starts."""
+    missing = onnx_export.missing_packages()
+    if missing:
+        raise UsageError(f"--onnx-export needs {' and '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
+                         f'not installed: pip install -r requirements-onnx.txt installs them.')
+    run_files = [('--save', args.save), ('SAVE.resume', args.save + '.resume')]
+    if args.resume is not None:
+        run_files.append(('--resume', args.resume))
+    check_output_file('--onnx-export', args.onnx_export, data_files + run_files)
 
 
 def uses_default_data(path):
@@ -149,7 +180,8 @@ def check_output_file(flag, path, inputs=()):
         raise UsageError(f'{flag} {path}: the name is too long for the file system (at most '
                          f'{name_max - longest + len(os.fsencode(os.path.basename(path)))} bytes here).')
     for input_flag, input_path in inputs:
-        if os.path.exists(path) and os.path.exists(input_path) and os.path.samefile(path, input_path):
+        same_name = os.path.abspath(path) == os.path.abspath(input_path)  # also for files not written yet
+        if same_name or os.path.exists(path) and os.path.exists(input_path) and os.path.samefile(path, input_path):
             raise UsageError(f'{flag} {path} is the same file as {input_flag} {input_path}; writing it would destroy it.')
 
 

@@ -9,7 +9,7 @@ chunked_cross_entropy.py are plumbing.
 The manual recipe, one update:
 
     fp16 model --forward/backward of (loss * scale)--> fp16 grads --norm--> [inf/NaN? skip]
-        --copy, widen, / scale--> fp32 master grads --clip--> SGD on fp32 master weights
+        --copy, widen, / scale--> fp32 master grads --clip--> SGD (or AdamW) on fp32 master weights
         --copy, round--> fp16 model
 
 fp32 masters keep small updates (lr * grad) that fp16 weights would round away;
@@ -33,10 +33,10 @@ class ManualFP16Recipe:
     name = 'fp16-manual'
     autocast = staticmethod(contextlib.nullcontext)  # the model itself is fp16: nothing to autocast
 
-    def __init__(self, model, lr, clip, loss_scale):
+    def __init__(self, model, lr, clip, loss_scale, adamw=False):
         self.model = model.half()
         self.model_params, self.master_params = prep_param_lists(model)
-        self.optimizer = recipes.sgd(self.master_params, lr)  # SGD sees only the fp32 masters
+        self.optimizer = recipes.optimizer(self.master_params, lr, adamw)  # it sees only the fp32 masters
         self.clip = clip
         self.loss_scale = loss_scale
 
@@ -78,7 +78,7 @@ def main(argv=None):
     cli.check_training_args(args)
     run = training.Run(args)
     if args.fp16:
-        recipe = ManualFP16Recipe(run.model, args.lr, args.clip, args.static_loss_scale)
+        recipe = ManualFP16Recipe(run.model, args.lr, args.clip, args.static_loss_scale, args.use_optimizer)
     else:
         recipe = recipes.from_flags(run.model, args)
     return training.train(run, recipe)

@@ -5,7 +5,7 @@ FP16_Optimizer's job. The recipe's step, for each batch:
 
     optimizer.backward(loss)             # backward of loss * scale, grads -> fp32 masters, unscale
     optimizer.clip_master_grads(clip)    # clip the masters' gradient norm
-    optimizer.step()                     # SGD on the masters (skipped on overflow), copy into the model
+    optimizer.step()                     # SGD (or AdamW) on the masters (skipped on overflow), copy into the model
 
 With --dynamic-loss-scale the scale starts at 2**16, halves on every overflow (that
 step is skipped) and doubles again after 2000 clean steps, up to 2**24: apex's last defaults.
@@ -26,14 +26,14 @@ except ImportError:
 
 
 class FP16OptimizerRecipe:
-    """fp16 model; torch.optim.SGD wrapped in FP16_Optimizer."""
+    """fp16 model; torch.optim.SGD (or AdamW) wrapped in FP16_Optimizer."""
 
     autocast = staticmethod(contextlib.nullcontext)  # the model itself is fp16: nothing to autocast
 
-    def __init__(self, model, lr, clip, static_loss_scale=1.0, dynamic_loss_scale=False):
+    def __init__(self, model, lr, clip, static_loss_scale=1.0, dynamic_loss_scale=False, adamw=False):
         model.half()
-        sgd = recipes.sgd([p for p in model.parameters() if p.requires_grad], lr)
-        self.optimizer = FP16_Optimizer(sgd, static_loss_scale=static_loss_scale,
+        wrapped = recipes.optimizer([p for p in model.parameters() if p.requires_grad], lr, adamw)
+        self.optimizer = FP16_Optimizer(wrapped, static_loss_scale=static_loss_scale,
                                         dynamic_loss_scale=dynamic_loss_scale, verbose=False)
         self.clip = clip
         self.name = 'fp16-optimizer-dynamic' if dynamic_loss_scale else 'fp16-optimizer-static'
@@ -70,7 +70,8 @@ def main(argv=None):
         print('Warning: --dynamic-loss-scale only applies with --fp16; ignoring it')
     run = training.Run(args)
     if args.fp16:
-        recipe = FP16OptimizerRecipe(run.model, args.lr, args.clip, args.static_loss_scale, args.dynamic_loss_scale)
+        recipe = FP16OptimizerRecipe(run.model, args.lr, args.clip, args.static_loss_scale, args.dynamic_loss_scale,
+                                     args.use_optimizer)
     else:
         recipe = recipes.from_flags(run.model, args)
     return training.train(run, recipe)

@@ -1,8 +1,19 @@
-"""The word-level language model: embedding -> multi-layer RNN -> linear decoder."""
+"""The word-level language models: embedding -> multi-layer RNN -> linear decoder (RNNModel),
+and embedding -> causal Transformer encoder -> linear decoder (TransformerModel)."""
+import math
+
 import torch
 import torch.nn as nn
 
 RNN_TYPES = ('LSTM', 'GRU', 'RNN_TANH', 'RNN_RELU')
+MODEL_TYPES = (*RNN_TYPES, 'Transformer')
+
+
+def build_model(rnn_type, ntoken, ninp, nhid, nlayers, dropout=0.5, tie_weights=False, nhead=None):
+    """RNNModel, or TransformerModel with nhead heads for rnn_type 'Transformer' (the RNNs take no nhead)."""
+    if rnn_type == 'Transformer':
+        return TransformerModel(ntoken, ninp, nhead, nhid, nlayers, dropout, tie_weights)
+    return RNNModel(rnn_type, ntoken, ninp, nhid, nlayers, dropout, tie_weights)
 
 
 class RNNModel(nn.Module):
@@ -27,12 +38,8 @@ class RNNModel(nn.Module):
         # Inan et al. 2016) saves ntoken * nhid parameters and usually lowers perplexity.
         if tie_weights:
             self.decoder.weight = self.encoder.weight
-        self.init_weights()
+        init_weights(self.encoder, self.decoder)
 
-    def init_weights(self):
-        nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
-        nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
-        nn.init.zeros_(self.decoder.bias)
 
     def forward(self, input, hidden):
         """input [seq_len, batch] of ids -> logits [seq_len, batch, ntoken], new hidden."""
@@ -54,8 +61,82 @@ class RNNModel(nn.Module):
         return weight.new_zeros(shape)
 
 
+def init_weights(encoder, decoder):
+    """Small uniform embedding and decoder weights, zero decoder bias (the RNN's and attention's own init stays)."""
+    nn.init.uniform_(encoder.weight, -0.1, 0.1)
+    nn.init.uniform_(decoder.weight, -0.1, 0.1)
+    nn.init.zeros_(decoder.bias)
+
+
 def repackage_hidden(h):
-    """Detach hidden states from the graph of the batch that produced them."""
+    """Detach hidden states from the graph of the batch that produced them (None, the Transformer's, stays None)."""
+    if h is None:
+        return None
     if isinstance(h, torch.Tensor):
         return h.detach()
     return tuple(repackage_hidden(v) for v in h)
+
+
+class TransformerModel(nn.Module):
+    """A causal Transformer language model: embedding * sqrt(ninp) + sinusoidal positions -> nlayers of
+    nn.TransformerEncoderLayer(ninp, nhead, nhid) under a causal mask -> linear decoder.
+
+    It has RNNModel's interface so one training loop serves both: forward(input, hidden) returns
+    (logits, None) and init_hidden returns None, since each batch is attended to on its own.
+    The decoder reads ninp-wide outputs, so tie_weights works whatever nhid (the feed-forward width) is.
+    """
+    rnn_type = 'Transformer'
+    MAX_LEN = 5000  # positions the encoding table holds: the longest input (--bptt, generate.py's context)
+
+    def __init__(self, ntoken, ninp, nhead, nhid, nlayers, dropout=0.5, tie_weights=False):
+        super().__init__()
+        if ninp % nhead:
+            raise ValueError(f'--emsize must be a multiple of --nhead (got emsize {ninp}, nhead {nhead}).')
+        self.nhead = nhead
+        self.nhid = nhid
+        self.nlayers = nlayers
+        self.encoder = nn.Embedding(ntoken, ninp)
+        # Not saved in checkpoints (persistent=False): it is a function of ninp only.
+        self.register_buffer('positions', sinusoidal_positions(self.MAX_LEN, ninp), persistent=False)
+        self.drop = nn.Dropout(dropout)
+        layer = nn.TransformerEncoderLayer(ninp, nhead, nhid, dropout)
+        # Nested tensors need batch_first layers; ours take [seq, batch] like the RNNs.
+        self.transformer = nn.TransformerEncoder(layer, nlayers, enable_nested_tensor=False)
+        self.decoder = nn.Linear(ninp, ntoken)
+        if tie_weights:
+            self.decoder.weight = self.encoder.weight
+        init_weights(self.encoder, self.decoder)
+
+
+    def forward(self, input, hidden=None):
+        """input [seq_len, batch] of ids -> logits [seq_len, batch, ntoken], None."""
+        seq_len = input.size(0)
+        if seq_len > self.MAX_LEN:
+            raise ValueError(f'the Transformer takes at most {self.MAX_LEN} positions (got {seq_len}).')
+        emb = self.encoder(input) * math.sqrt(self.encoder.embedding_dim)
+        x = self.drop(emb + self.positions[:seq_len, None, :])
+        # Position i attends to positions 0..i only; is_causal lets attention use its causal kernel.
+        mask = nn.Transformer.generate_square_subsequent_mask(seq_len, device=x.device, dtype=x.dtype)
+        return self.decoder(self.transformer(x, mask=mask, is_causal=True)), None
+
+    def init_hidden(self, bsz):
+        return None
+
+    def half(self):
+        """fp16 weights for the classic fp16 recipes, except the LayerNorms': their few weights stay fp32,
+        as apex kept batch norm, and layer_norm takes fp16 input with fp32 weights, returning fp16."""
+        super().half()
+        for module in self.modules():
+            if isinstance(module, nn.LayerNorm):
+                module.float()
+        return self
+
+
+def sinusoidal_positions(length, width):
+    """[length, width]: sin and cos of position / 10000^(2i / width), the encoding of Vaswani et al. (2017)."""
+    position = torch.arange(length, dtype=torch.float32)[:, None]
+    frequency = torch.exp(torch.arange(0, width, 2, dtype=torch.float32) * (-math.log(10000.0) / width))
+    table = torch.zeros(length, width)
+    table[:, 0::2] = torch.sin(position * frequency)
+    table[:, 1::2] = torch.cos(position * frequency[:width // 2])
+    return table

@@ -19,24 +19,27 @@ class TrainingDiverged(Exception):
     """The loss or the gradients are inf or NaN where no loss scale can explain it."""
 
 
-def sgd(params, lr):
-    """Plain SGD (p -= lr * grad): one fused kernel on CUDA, one foreach pass per op elsewhere."""
+def optimizer(params, lr, adamw=False):
+    """Plain SGD (p -= lr * grad), or with adamw (--use-optimizer) torch.optim.AdamW with its
+    defaults, as pytorch/examples has it; lr as given for both. One fused kernel on CUDA, one
+    foreach pass per op elsewhere."""
     fused = params[0].device.type == 'cuda'
-    return torch.optim.SGD(params, lr=lr, foreach=not fused, fused=fused)
+    kind = torch.optim.AdamW if adamw else torch.optim.SGD
+    return kind(params, lr=lr, foreach=not fused, fused=fused)
 
 
 class AutocastRecipe:
-    """fp32 weights and SGD after clipping the gradient norm; the forward pass in autocast_dtype.
+    """fp32 weights, updated by SGD (or AdamW) after clipping the gradient norm; the forward pass in autocast_dtype.
 
     None: plain fp32. torch.float16 (--amp): autocast to fp16, and torch.amp.GradScaler
     scales the loss dynamically. torch.bfloat16 (--bf16): autocast to bf16, which has
     fp32's range, so nothing is scaled.
     """
 
-    def __init__(self, model, lr, clip, autocast_dtype=None):
+    def __init__(self, model, lr, clip, autocast_dtype=None, adamw=False):
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.device_type = self.params[0].device.type
-        self.optimizer = sgd(self.params, lr)
+        self.optimizer = optimizer(self.params, lr, adamw)
         self.clip = clip
         self.autocast_dtype = autocast_dtype
         self.scaler = torch.amp.GradScaler(self.device_type, enabled=autocast_dtype is torch.float16)
@@ -60,6 +63,8 @@ class AutocastRecipe:
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip, foreach=True)
         finite = bool(torch.isfinite(norm + loss.detach()))  # the step's one host sync
         if finite:
+            # What scaler.step would do, with the check above: the grads are unscaled already, and a
+            # skipped step leaves the optimizer's state (AdamW's moments and step count) as it was.
             self.optimizer.step()
         elif not self.scaler.is_enabled() or not torch.isfinite(loss):
             # An inf/NaN loss, or gradients that were not scaled, cannot be overflow.
@@ -79,4 +84,4 @@ class AutocastRecipe:
 def from_flags(model, args):
     """The recipe for fp32, --amp or --bf16."""
     dtype = torch.float16 if args.amp else torch.bfloat16 if args.bf16 else None
-    return AutocastRecipe(model, args.lr, args.clip, dtype)
+    return AutocastRecipe(model, args.lr, args.clip, dtype, args.use_optimizer)

@@ -17,9 +17,10 @@ import torch.nn.functional as F
 
 import checkpoint
 import data
+import onnx_export
 from chunked_cross_entropy import chunked_cross_entropy
 from cli import StopRequest, UsageError, check_model_size, select_device, uses_default_data
-from model import RNNModel, repackage_hidden
+from model import build_model, repackage_hidden
 from recipes import TrainingDiverged
 
 EVAL_BATCH_SIZE = 10
@@ -40,14 +41,16 @@ class Run:
         self.corpus = data.Corpus(args.data, pad_to_multiple_of=8)
         self.ntokens = len(self.corpus.dictionary)
         self.check_split_sizes()
-        build_model = lambda: RNNModel(args.model, self.ntokens, args.emsize, args.nhid, args.nlayers,
-                                       args.dropout, args.tied)
-        check_model_size(build_model, args, self.device)
+        new_model = lambda: build_model(args.model, self.ntokens, args.emsize, args.nhid, args.nlayers,
+                                        args.dropout, args.tied, args.nhead)
+        check_model_size(new_model, args, self.device)
         self.train_data = data.batchify(self.corpus.train, args.batch_size).to(self.device)
         self.batch_starts = range(0, self.train_data.size(0) - 1, args.bptt)  # first row of each batch
+        if args.dry_run:
+            self.batch_starts = self.batch_starts[:1]  # an epoch of one batch: checks the code, not the model's quality
         self.val_data = data.batchify(self.corpus.valid, EVAL_BATCH_SIZE).to(self.device)
         self.test_data = data.batchify(self.corpus.test, EVAL_BATCH_SIZE).to(self.device)
-        self.model = build_model().to(self.device)
+        self.model = new_model().to(self.device)
         if args.fp16 and (args.emsize % 8 or args.nhid % 8 or args.batch_size % 8):
             print(f'Warning: emsize = {args.emsize}, nhid = {args.nhid}, batch_size = {args.batch_size} '
                   "should all be multiples of 8 to ensure Tensor Core use for the RNN's GEMMs.")
@@ -72,7 +75,7 @@ class Progress:
     down to the progress line that was being summed when the run stopped."""
     epoch: int = 1
     next_batch: int = 0          # the batch of the epoch to train next
-    hidden: object = None        # the RNN state carried into next_batch
+    hidden: object = None        # the RNN state carried into next_batch (always None for the Transformer)
     best_val_loss: float = None
     skipped: int = 0             # updates skipped for non-finite gradients, over the whole run
     epoch_skipped: int = 0       # ... and in this epoch
@@ -132,13 +135,13 @@ def train_epoch(run, recipe, progress, stop):
         progress.line_tokens += targets.numel()
         done = batch + 1
         progress.next_batch = done
-        if done % args.log_interval == 0:
+        if done % args.log_interval == 0 or args.dry_run:  # a dry run shows its one batch
             batches = done - progress.line_start
             cur_loss = line_loss.item() / batches
             seconds = progress.line_seconds + time.time() - line_clock
             eta = (time.time() - epoch_start) / (done - first_batch) * (len(starts) - done)
             scale = '' if recipe.loss_scale is None else f' | loss scale {recipe.loss_scale:g}'
-            print(f'| epoch {progress.epoch:3d} | {done:5d}/{len(starts):5d} batches | lr {learning_rate(recipe):02.2f} '
+            print(f'| epoch {progress.epoch:3d} | {done:5d}/{len(starts):5d} batches | lr {learning_rate(recipe):.3g} '
                   f'| ms/batch {seconds * 1000 / batches:5.2f} | loss {cur_loss:5.2f} | ppl {ppl(cur_loss):8.2f} '
                   f'| tok/s {progress.line_tokens / seconds:7.0f} | eta {eta:4.0f}s{scale} '
                   f'| skipped {progress.epoch_skipped}', flush=True)
@@ -158,8 +161,10 @@ def ppl(loss):
 
 # ---------------------------------------------------------------- evaluate
 
-def evaluate(model, source, bptt, autocast):
-    """Mean cross-entropy per token over source, accumulated in fp32."""
+def evaluate(model, source, bptt, autocast, one_batch=False):
+    """Mean cross-entropy per token over source (its first batch only if one_batch), accumulated in fp32."""
+    if one_batch:
+        source = source[:bptt + 1]  # the first batch's inputs, and its targets one row further
     model.eval()
     total = torch.zeros((), device=source.device)
     hidden = model.init_hidden(source.size(1))
@@ -175,7 +180,7 @@ def evaluate(model, source, bptt, autocast):
 # ---------------------------------------------------------------- the epochs, best model, annealing, test
 
 def train(run, recipe):
-    """Train epoch after epoch, keep the best model, anneal the learning rate; then test.
+    """Train epoch after epoch, keep the best model, anneal the learning rate; then test, and export with --onnx-export.
 
     After every epoch, and when a stop is requested, SAVE.resume records the run so that
     --resume continues it exactly. Returns the exit code (128 + signum after SIGTERM or SIGHUP, else 0).
@@ -194,15 +199,18 @@ def train(run, recipe):
                                            [f.name for f in dataclasses.fields(Progress)], len(run.batch_starts))
             progress = Progress(**saved)
             print(f'| resuming {args.resume} at epoch {progress.epoch}, batch {progress.next_batch}', flush=True)
-        print(f'| device {run.device} | precision {recipe.describe()} | vocabulary {run.ntokens} '
-              f'| train tokens {len(run.corpus.train)}', flush=True)
+        optimizer = 'AdamW' if args.use_optimizer else 'SGD'  # recipes.optimizer's choice
+        print(f'| device {run.device} | precision {recipe.describe()} | optimizer {optimizer} '
+              f'| vocabulary {run.ntokens} | train tokens {len(run.corpus.train)}', flush=True)
+        if args.dry_run:
+            print('| dry run: one batch of training and one batch of evaluation per epoch', flush=True)
         try:
             while progress.epoch <= args.epochs and not stop.requested:
                 epoch_start = time.time()
                 train_epoch(run, recipe, progress, stop)
                 if progress.next_batch < len(run.batch_starts):
                     break  # stopped inside the epoch: SAVE.resume continues from next_batch
-                val_loss = evaluate(model, run.val_data, args.bptt, recipe.autocast)
+                val_loss = evaluate(model, run.val_data, args.bptt, recipe.autocast, one_batch=args.dry_run)
                 if not math.isfinite(val_loss):
                     raise TrainingDiverged()
                 print('-' * 89)
@@ -235,6 +243,8 @@ def train(run, recipe):
             print(f'Exiting from training early at epoch {progress.epoch}, batch {progress.next_batch}; '
                   f'continue with --resume {resume_file}')
         final_test(run, recipe, progress)
+        if args.onnx_export:
+            export_best_model(args, progress)
     return stop.exit_code
 
 
@@ -257,7 +267,16 @@ def final_test(run, recipe, progress):
             model.load_state_dict(checkpoint.load(run.args.save)['model'])
         except (checkpoint.CheckpointError, KeyError, RuntimeError) as e:
             print(f'| the best model cannot be loaded ({e}): testing the current weights')
-    test_loss = evaluate(model, run.test_data, run.args.bptt, recipe.autocast)
+    test_loss = evaluate(model, run.test_data, run.args.bptt, recipe.autocast, one_batch=run.args.dry_run)
     print('=' * 89)
     print(f'| End of training | test loss {test_loss:5.2f} | test ppl {ppl(test_loss):8.2f}')
     print('=' * 89, flush=True)
+
+
+def export_best_model(args, progress):
+    """--onnx-export: the best model, read back from --save, as ONNX (fp32, input [bptt, 1])."""
+    if progress.best_val_loss is None:
+        print(f'| no epoch finished, so there is no best model to export to {args.onnx_export}', flush=True)
+        return
+    onnx_export.export(args.save, args.onnx_export, args.bptt)
+    print(f'| the best model is exported to ONNX in {args.onnx_export}', flush=True)

@@ -5,6 +5,7 @@ Run from the repository root:
     python3 -m benchmarks.recipes               # apex's model: LSTM 1504/1504, batch 24, bptt 35, vocab 33,280
     python3 -m benchmarks.recipes --small       # LSTM 200/200, batch 20
     python3 -m benchmarks.recipes --cuda --json benchmarks/results/h100.json
+    python3 -m benchmarks.recipes --small --model Transformer --nhead 2   # the causal Transformer
 
 Each recipe builds a fresh model with the same seed and runs the same training
 step code as the scripts (training.train_batch with the recipe's update step):
@@ -32,7 +33,7 @@ import training
 from benchmarks import cpu_model
 from main import ManualFP16Recipe
 from main_fp16_optimizer import FP16OptimizerRecipe
-from model import RNNModel, repackage_hidden
+from model import MODEL_TYPES, build_model, repackage_hidden
 
 PROG = 'python3 -m benchmarks.recipes'
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,8 +65,13 @@ GATES = {'LSTM': 4, 'GRU': 3, 'RNN_TANH': 1, 'RNN_RELU': 1}
 
 
 def step_flops(cfg):
-    """Matmul FLOPs of one forward pass: the RNN's input and recurrent GEMMs, and the decoder."""
+    """Matmul FLOPs of one forward pass: the RNN's input and recurrent GEMMs, and the decoder; for the
+    Transformer, each layer's projections (q, k, v, out: 4 emsize^2), attention scores and weighted sums
+    (over all bptt positions; the causal mask skips about half), and feed-forward (2 emsize * nhid)."""
     tokens = cfg.bptt * cfg.batch_size
+    if cfg.model == 'Transformer':
+        per_token = 4 * cfg.emsize ** 2 + 2 * cfg.bptt * cfg.emsize + 2 * cfg.emsize * cfg.nhid
+        return 2 * tokens * per_token * cfg.nlayers + 2 * tokens * cfg.emsize * cfg.ntokens
     rnn = sum(2 * tokens * ((cfg.emsize if layer == 0 else cfg.nhid) + cfg.nhid) * GATES[cfg.model] * cfg.nhid
               for layer in range(cfg.nlayers))
     return rnn + 2 * tokens * cfg.nhid * cfg.ntokens
@@ -124,7 +130,8 @@ def measure(name, cfg, device, tokens):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(cfg.seed)
-    model = RNNModel(cfg.model, cfg.ntokens, cfg.emsize, cfg.nhid, cfg.nlayers, cfg.dropout).to(device)
+    model = build_model(cfg.model, cfg.ntokens, cfg.emsize, cfg.nhid, cfg.nlayers, cfg.dropout, nhead=cfg.nhead)
+    model.to(device)
     if RECIPES[name] is None:
         recipe, step = None, classic_step(model, cfg)
     else:
@@ -201,7 +208,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog=PROG, description='Time the training step of every precision recipe.')
     p.add_argument('--small', action='store_true', help="LSTM 200/200, batch 20 instead of apex's 1504/1504, 24")
     p.add_argument('--smoke', action='store_true', help='tiny model, 2 steps: checks that every recipe runs')
-    p.add_argument('--model', default='LSTM')
+    p.add_argument('--model', default='LSTM', help=', '.join(MODEL_TYPES))
+    p.add_argument('--nhead', type=int, default=2, help='attention heads of --model Transformer')
     p.add_argument('--emsize', type=int)
     p.add_argument('--nhid', type=int)
     p.add_argument('--nlayers', type=int, default=2)
@@ -232,13 +240,15 @@ def parse_args(argv):
 
 def check_args(cfg):
     """Flag values the benchmark cannot run with (cli.UsageError: one sentence, exit code 2)."""
-    for flag in ('emsize', 'nhid', 'nlayers', 'batch_size', 'bptt', 'ntokens', 'steps', 'rounds'):
+    for flag in ('emsize', 'nhid', 'nlayers', 'nhead', 'batch_size', 'bptt', 'ntokens', 'steps', 'rounds'):
         if getattr(cfg, flag) < 1:
             raise cli.UsageError(f'--{flag} must be at least 1 (got {getattr(cfg, flag)}).')
     if cfg.warmup < 0:
         raise cli.UsageError(f'--warmup must not be negative (got {cfg.warmup}).')
-    if cfg.model not in GATES:
-        raise cli.UsageError(f'--model {cfg.model} is not a known rnn type; choose one of {", ".join(GATES)}.')
+    if cfg.model not in MODEL_TYPES:
+        raise cli.UsageError(f'--model {cfg.model} is not a known model type; choose one of {", ".join(MODEL_TYPES)}.')
+    if cfg.model == 'Transformer':
+        cli.check_transformer_args(cfg)
     if cfg.data is not None and not os.path.isdir(cfg.data):
         raise cli.UsageError(f'--data {cfg.data}: no such directory.')
     if cfg.json:
@@ -278,6 +288,8 @@ def main(argv=None):
         device_name = f'cpu ({cpu_model()}, {os.cpu_count()} cores)'
     config = {k: getattr(cfg, k) for k in ('model', 'emsize', 'nhid', 'nlayers', 'batch_size', 'bptt', 'ntokens',
                                            'steps', 'warmup', 'rounds')}
+    if cfg.model == 'Transformer':
+        config['nhead'] = cfg.nhead
     config['tokens'] = 'real: ' + cfg.data if cfg.data else 'synthetic'
     report = {'device': device_name, 'torch': torch.__version__, 'config': config,
               'train_flops_per_step': 3 * step_flops(cfg), 'results': []}

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# One epoch of the 200-unit LSTM on the first 3000 lines of WikiText-2 train (600 of valid
+# One epoch of the 200-unit LSTM (or what EXTRA asks for) on the first 3000 lines of WikiText-2 train (600 of valid
 # and test) with every recipe, one after the other in one run, logs in OUT_DIR.
 #   bash benchmarks/subset_runs.sh WIKITEXT2_DIR OUT_DIR [recipe ...]   (from the repository root)
+# EXTRA holds flags added to every run, for another model:
+#   EXTRA='--model Transformer --lr 5' bash benchmarks/subset_runs.sh WIKITEXT2_DIR OUT_DIR
 set -euo pipefail
 [ -f main.py ] && [ -d benchmarks ] || { echo "$0: run this from the repository root" >&2; exit 2; }
 src=${1:?WikiText-2 directory}; out=${2:?output directory}; shift 2
@@ -10,7 +12,8 @@ mkdir -p "$out/data"
 head -n 3000 "$src/train.txt" > "$out/data/train.txt"
 head -n 600 "$src/valid.txt" > "$out/data/valid.txt"
 head -n 600 "$src/test.txt" > "$out/data/test.txt"
-common=(--data "$out/data" --emsize 200 --nhid 200 --dropout 0.2 --epochs 1 --log-interval 50)
+read -r -a extra <<< "${EXTRA:-}"
+common=(--data "$out/data" --emsize 200 --nhid 200 --dropout 0.2 --epochs 1 --log-interval 50 "${extra[@]}")
 for recipe in $recipes; do
   case $recipe in
     fp32) cmd=(main.py) ;;

@@ -66,7 +66,8 @@ def test_every_recipe_name_is_its_recipes_name():
 @pytest.mark.parametrize('argv, message', [
     (['--recipes', 'fp32,nope'], 'unknown recipe(s) nope'),
     (['--steps', '0'], '--steps must be at least 1 (got 0).'),
-    (['--model', 'TRANSFORMER'], '--model TRANSFORMER is not a known rnn type'),
+    (['--model', 'TRANSFORMER'], '--model TRANSFORMER is not a known model type'),
+    (['--model', 'Transformer', '--emsize', '16', '--nhead', '3'], '--emsize 16 must be a multiple of --nhead 3'),
     (['--data', '/no/such/dir'], '--data /no/such/dir: no such directory.'),
 ])
 def test_recipes_rejects_bad_flags_in_one_sentence(argv, message, capsys):
@@ -83,6 +84,23 @@ def test_step_flops_counts_lstm_and_decoder():
     assert recipes_bench.peak_tflops('NVIDIA H100 80GB HBM3', 'fp16') == 989
     assert recipes_bench.peak_tflops('NVIDIA H100 PCIe', 'tf32') == 378
     assert recipes_bench.peak_tflops('cpu', 'fp32') is None
+
+
+def test_step_flops_counts_transformer_layers_and_decoder():
+    cfg = argparse.Namespace(model='Transformer', emsize=4, nhid=6, nlayers=2, bptt=7, batch_size=2, ntokens=11)
+    tokens = 14
+    per_layer = 2 * tokens * (4 * 4 * 4 + 2 * 7 * 4 + 2 * 4 * 6)  # q, k, v, out; scores, weighted sum; feed-forward
+    assert recipes_bench.step_flops(cfg) == 2 * per_layer + 2 * tokens * 4 * 11
+
+
+@pytest.mark.parametrize('name', ['fp32-classic', 'fp16-manual', 'bf16'])
+def test_recipes_measures_the_transformer(name):
+    """A few recipes, each path once (classic step, fp16 model, autocast): test_transformer.py trains with all."""
+    cfg = recipes_bench.parse_args(['--smoke', '--model', 'Transformer', '--nhead', '4'])
+    rng = torch.get_rng_state()
+    result = recipes_bench.measure(name, cfg, torch.device('cpu'), recipes_bench.token_stream(cfg))
+    torch.set_rng_state(rng)
+    assert result['ms_per_step'] > 0 and math.isfinite(result['last_loss'])
 
 
 def test_corpus_smoke_alternates_cold_loads(corpus_dir):

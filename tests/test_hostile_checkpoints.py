@@ -16,20 +16,21 @@ import torch
 import checkpoint
 import data
 from conftest import ENV, REPO, error_line
-from model import RNNModel
+from model import build_model
 
 NWORDS, WIDTH = 13, 8  # 13 words padded to 16; embedding and hidden width 8
 INFLATED = 256 * 2 ** 20  # what the deflated member inflates to (the file stays under 1 MB)
 
 
-def tiny_checkpoint(nlayers=2, tie_weights=False, rnn_type='LSTM'):
-    """A best-model checkpoint of an untrained model over 16 words, 3 of them padding."""
+def tiny_checkpoint(nlayers=2, tie_weights=False, rnn_type='LSTM', nhead=2):
+    """A best-model checkpoint of an untrained model over 16 words, 3 of them padding (nhead: the Transformer's)."""
     dictionary = data.Dictionary()
     for i in range(NWORDS):
         dictionary.add_word(f'w{i}')
     dictionary.pad_to_multiple_of(8)
-    model = RNNModel(rnn_type, len(dictionary), WIDTH, WIDTH, nlayers, dropout=0.0, tie_weights=tie_weights)
-    args = argparse.Namespace(model=rnn_type, emsize=WIDTH, nhid=WIDTH, nlayers=nlayers, tied=tie_weights)
+    model = build_model(rnn_type, len(dictionary), WIDTH, WIDTH, nlayers, dropout=0.0, tie_weights=tie_weights,
+                        nhead=nhead)
+    args = argparse.Namespace(model=rnn_type, emsize=WIDTH, nhid=WIDTH, nlayers=nlayers, tied=tie_weights, nhead=nhead)
     return checkpoint.model_checkpoint(model, dictionary, args, best_val_loss=5.0)
 
 
@@ -59,15 +60,28 @@ def with_args(**changes):
     return changed(tiny_checkpoint(), 'model_args', **changes)
 
 
+def transformer_with_args(*removed, **changes):
+    ckpt = changed(tiny_checkpoint(rnn_type='Transformer'), 'model_args', **changes)
+    for name in removed:
+        del ckpt['model_args'][name]
+    return ckpt
+
+
+def transformer_without_weight(name):
+    ckpt = tiny_checkpoint(rnn_type='Transformer')
+    del ckpt['model'][name]
+    return ckpt
+
+
 def with_weights(**changes):
     ckpt = tiny_checkpoint()
     ckpt['model'].update({name.replace('__', '.'): value for name, value in changes.items()})
     return ckpt
 
 
-def stride_0_model(ntoken=10 ** 6):
+def stride_0_model(ntoken=10 ** 6, rnn_type='LSTM'):
     """ntoken 10**6, shapes and all, but every matrix that grows with it is one float seen many times."""
-    ckpt = with_args(ntoken=ntoken)
+    ckpt = changed(tiny_checkpoint(rnn_type=rnn_type), 'model_args', ntoken=ntoken)
     for name, tensor in ckpt['model'].items():
         if name.startswith(('encoder.', 'decoder.')):
             ckpt['model'][name] = torch.zeros(1).expand(ntoken, *tensor.shape[1:])
@@ -121,6 +135,22 @@ HOSTILE = {  # name: (the checkpoint, what the error line must say)
     'idx2word-too-short': (lambda: vocabulary_of(tiny_checkpoint(), [f'w{i}' for i in range(15)]),
                            r'its vocabulary has 15 words but its model has 16'),
     'idx2word-a-string': (lambda: vocabulary_of(tiny_checkpoint(), 'w' * 16), r"idx2word is 'w+', not a list of words"),
+    'transformer-nlayers-200000': (lambda: transformer_with_args(nlayers=200000),
+                                   r'nlayers 200000 but its weights hold 2 Transformer layers'),
+    'transformer-nhid-disagrees': (lambda: transformer_with_args(nhid=4096),
+                                   r'nhid 4096 but its weight transformer\.layers\.0\.linear1\.weight'),
+    'transformer-nhead-string': (lambda: transformer_with_args(nhead='2'),
+                                 r"model_args hold nhead '2', which TransformerModel cannot take"),
+    'transformer-nhead-zero': (lambda: transformer_with_args(nhead=0), r'nhead 0,'),
+    'transformer-nhead-not-dividing-ninp': (lambda: transformer_with_args(nhead=3), r'nhead 3,'),
+    'transformer-nhead-missing': (lambda: transformer_with_args('nhead'), r"model_args are not TransformerModel's"),
+    'rnn-with-nhead': (lambda: with_args(nhead=2), r"model_args are not RNNModel's arguments"),
+    'lstm-weights-called-transformer': (lambda: with_args(rnn_type='Transformer', nhead=2),
+                                        r'nlayers 2 but its weights hold 0 Transformer layers'),
+    'transformer-weight-missing': (lambda: transformer_without_weight('transformer.layers.1.norm2.bias'),
+                                   r'its weight transformer\.layers\.1\.norm2\.bias is missing, but its model_args'),
+    'transformer-weights-stride-0': (lambda: stride_0_model(rnn_type='Transformer'),
+                                     r'its weights claim \d+ bytes but the file holds only \d+ bytes'),
 }
 
 
@@ -143,6 +173,9 @@ VALID = {
     'lstm-flattened': flattened_checkpoint,
     'gru-1-layer': lambda: tiny_checkpoint(nlayers=1, rnn_type='GRU'),
     'rnn-relu-3-layers': lambda: tiny_checkpoint(nlayers=3, rnn_type='RNN_RELU'),
+    'transformer': lambda: tiny_checkpoint(rnn_type='Transformer'),
+    'transformer-tied-1-layer-4-heads': lambda: tiny_checkpoint(nlayers=1, tie_weights=True, rnn_type='Transformer',
+                                                               nhead=4),
 }
 
 

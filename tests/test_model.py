@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from model import RNN_TYPES, RNNModel, repackage_hidden
+from model import RNN_TYPES, RNNModel, TransformerModel, build_model, repackage_hidden
 
 NTOKEN, EMSIZE, NHID, NLAYERS = 48, 16, 24, 2
 
@@ -103,3 +103,67 @@ def test_repackage_hidden_detaches():
     detached = repackage_hidden(hidden)
     assert isinstance(detached, tuple)
     assert all(not h.requires_grad and torch.equal(h, g) for h, g in zip(detached, hidden))
+
+
+# ---------------------------------------------------------------- TransformerModel
+
+def transformer(nhead=2, tie_weights=False, dropout=0.2):
+    torch.manual_seed(0)
+    return TransformerModel(NTOKEN, EMSIZE, nhead, NHID, NLAYERS, dropout=dropout, tie_weights=tie_weights)
+
+
+def test_transformer_forward_shapes_and_no_hidden():
+    model = transformer()
+    assert model.init_hidden(3) is None
+    output, hidden = model(torch.randint(NTOKEN, (7, 3)), model.init_hidden(3))
+    assert output.shape == (7, 3, NTOKEN) and hidden is None
+    assert repackage_hidden(hidden) is None
+
+
+def test_transformer_is_causal():
+    """Changing the words from position 4 on changes no output before position 4."""
+    model = transformer().eval()
+    inputs = torch.randint(NTOKEN, (9, 2))
+    changed = inputs.clone()
+    changed[4:] = (changed[4:] + 1) % NTOKEN
+    with torch.no_grad():
+        before, _ = model(inputs, None)
+        after, _ = model(changed, None)
+    assert torch.equal(before[:4], after[:4])
+    assert not torch.allclose(before[4:], after[4:])
+
+
+def test_transformer_tying_needs_only_emsize():
+    """The decoder reads emsize-wide outputs: tying works with any feed-forward width nhid."""
+    model = transformer(tie_weights=True)
+    assert model.decoder.weight is model.encoder.weight and NHID != EMSIZE
+
+
+def test_transformer_refuses_heads_that_do_not_divide_emsize():
+    with pytest.raises(ValueError, match='multiple of --nhead'):
+        TransformerModel(NTOKEN, EMSIZE, 3, NHID, 1)
+
+
+def test_transformer_half_keeps_layer_norms_fp32():
+    """The classic fp16 recipes call model.half(): LayerNorm weights stay fp32, all else is fp16, and it trains."""
+    model = transformer().half()
+    for name, p in model.named_parameters():
+        assert p.dtype == (torch.float32 if '.norm' in name else torch.float16), name
+    output, _ = model(torch.randint(NTOKEN, (5, 2)), None)
+    assert output.dtype == torch.float16 and torch.isfinite(output).all()
+    output.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == p.dtype for p in model.parameters())
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_transformer_runs_under_cpu_autocast(dtype):
+    model = transformer()
+    with torch.autocast('cpu', dtype=dtype):
+        output, _ = model(torch.randint(NTOKEN, (5, 2)), None)
+    assert output.dtype == dtype and torch.isfinite(output).all()
+
+
+def test_build_model_picks_the_class():
+    assert isinstance(build_model('GRU', NTOKEN, EMSIZE, NHID, 1, dropout=0.0, nhead=2), RNNModel)
+    model = build_model('Transformer', NTOKEN, EMSIZE, NHID, 1, nhead=4)
+    assert isinstance(model, TransformerModel) and model.nhead == 4

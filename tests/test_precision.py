@@ -114,7 +114,7 @@ def test_train_batch_returns_loss_hidden_and_update():
 ])
 def test_recipe_names_and_from_flags(mode, name, describe_text, scaled):
     model = RNNModel('GRU', 32, 8, 8, 1, dropout=0.0)
-    flags = argparse.Namespace(lr=3.0, clip=0.5, amp=mode == 'amp', bf16=mode == 'bf16', fp16=False)
+    flags = argparse.Namespace(lr=3.0, clip=0.5, amp=mode == 'amp', bf16=mode == 'bf16', fp16=False, use_optimizer=False)
     r = recipes.from_flags(model, flags)
     assert r.name == name and r.describe() == describe_text
     assert r.optimizer.param_groups[0]['lr'] == 3.0 and r.clip == 0.5

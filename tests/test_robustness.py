@@ -241,7 +241,7 @@ BAD_TRAINING_FLAGS = [  # (flag, value); the error line must show the value as g
     ('--lr', '0'), ('--lr', '-1'), ('--lr', 'nan'), ('--lr', 'inf'),
     ('--clip', '0'), ('--clip', '-0.25'), ('--clip', 'nan'),
     ('--static-loss-scale', '0'), ('--static-loss-scale', '-128'), ('--static-loss-scale', 'nan'),
-    ('--model', 'lstm'), ('--model', 'Transformer'),
+    ('--model', 'lstm'), ('--model', 'TRANSFORMER'), ('--nhead', '0'),
     ('--batch_size', '2000'), ('--batch_size', '1000000'),  # more columns than the ~3000 train tokens allow
     ('--seed', str(2 ** 70)), ('--seed', str(-2 ** 63 - 1)),  # outside what torch's generators take
     ('--emsize', '100000000000'), ('--nhid', '1000000'),  # weights larger than the machine's memory

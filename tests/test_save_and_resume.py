@@ -172,7 +172,8 @@ def test_resume_refuses_a_tampered_field_before_training(field, tmp_path, call_s
 
 
 def test_resume_refuses_flags_that_differ_and_takes_those_that_may(tmp_path, call_script, corpus_dir, stopped_run):
-    """The documented rule: only --epochs, --save, --log-interval, --data, --cuda and --accel may change."""
+    """The documented rule: only --epochs, --save, --log-interval, --data, --cuda, --accel and --onnx-export
+    may change."""
     for name in ('model.pt', 'model.pt.resume'):
         shutil.copy(stopped_run / name, tmp_path / name)
     resume = ['--resume', 'model.pt.resume', '--data', corpus_dir]
@@ -180,7 +181,8 @@ def test_resume_refuses_flags_that_differ_and_takes_those_that_may(tmp_path, cal
     line = error_line(proc, 'main.py', 2)
     assert line == ('main.py: error: cannot resume from model.pt.resume: --dropout was 0.2, now 0.5; '
                     '--lr was 5.0, now 1.0; --seed was 1111, now 99 (a resumed run continues the saved one '
-                    'exactly: only --epochs, --save, --log-interval, --data, --cuda and --accel may change).'), line
+                    'exactly: only --epochs, --save, --log-interval, --data, --cuda, --accel and --onnx-export '
+                    'may change).'), line
     (tmp_path / 'elsewhere').mkdir()
     proc = call_script('main.py', *SMALL, *resume, '--epochs', 2, '--log-interval', 7, '--save', 'elsewhere/m.pt',
                        cwd=tmp_path)

@@ -45,7 +45,7 @@ class SkippingRecipe:
 
 def tiny_run(nbatches=6, log_interval=2):
     torch.manual_seed(0)
-    args = argparse.Namespace(batch_size=2, bptt=3, log_interval=log_interval)
+    args = argparse.Namespace(batch_size=2, bptt=3, log_interval=log_interval, dry_run=False)
     stream = torch.randint(NTOKEN, (2 * (3 * nbatches + 1),))
     train_data = data.batchify(stream, 2)
     model = RNNModel('LSTM', NTOKEN, 8, 8, 1, dropout=0.0)

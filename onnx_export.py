@@ -1,0 +1,46 @@
+"""--onnx-export: the best model as an ONNX graph, in fp32, written by torch.onnx.export.
+
+The exporter (torch.export-based, PyTorch's default since 2.9) needs the packages onnx and
+onnxscript, which the scripts do not otherwise need: requirements-onnx.txt lists them.
+"""
+import importlib.util
+import logging
+import warnings
+
+import torch
+
+import checkpoint
+
+EXPORTER_PACKAGES = ('onnx', 'onnxscript')
+
+
+def missing_packages():
+    """The exporter's packages that are not installed (looked up without importing them)."""
+    return [name for name in EXPORTER_PACKAGES if importlib.util.find_spec(name) is None]
+
+
+def export(checkpoint_path, path, seq_len):
+    """Write the model of a best-model checkpoint to path as ONNX, atomically.
+
+    The graph computes model(input, hidden) -> (logits, hidden) for an input of [seq_len, 1]
+    word ids and a hidden state shaped like the model's init_hidden(1) (none for a model that
+    returns None there). The shapes are fixed: torch 2.13's exporter bakes an LSTM's sequence
+    length into the graph even when asked for a dynamic one. The model is the fp32 copy
+    load_model makes, in eval mode, so an fp16-trained model exports in fp32 and without dropout.
+    """
+    model, _, _ = checkpoint.load_model(checkpoint_path)
+    model.eval()
+    example = (torch.zeros(seq_len, 1, dtype=torch.long), model.init_hidden(1))
+    # The exporter's warnings and log lines are about its own internals (torchvision's absent ops, the
+    # Transformer's None hidden state): nothing to act on. Its errors still raise.
+    exporter_log = logging.getLogger('torch.onnx')
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            program = torch.onnx.export(model, example, dynamo=True, verbose=False, output_names=['logits'])
+    finally:
+        exporter_log.setLevel(level)
+    with checkpoint.atomic_write(path) as f:
+        f.write(program.model_proto.SerializeToString())

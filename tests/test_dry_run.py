@@ -1,0 +1,67 @@
+"""--dry-run: one batch of training and one batch of evaluation per epoch, with the usual output and files."""
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+import data
+import training
+from conftest import describe, error_line
+from model import RNNModel
+
+ARGS = ['--emsize', 16, '--nhid', 16, '--batch_size', 8, '--bptt', 10, '--lr', 5, '--dropout', 0, '--save', 'model.pt']
+
+
+def count_batches(monkeypatch):
+    """The batches data.get_batch cuts, by the split they come from (recognised by their number of columns)."""
+    counts = {'train': 0, 'evaluation': 0}
+    original = data.get_batch
+
+    def get_batch(source, i, bptt):
+        counts['evaluation' if source.size(1) == training.EVAL_BATCH_SIZE else 'train'] += 1
+        return original(source, i, bptt)
+    monkeypatch.setattr(data, 'get_batch', get_batch)
+    return counts
+
+
+def test_dry_run_trains_and_evaluates_one_batch_per_epoch(tmp_path, call_script, corpus_dir, monkeypatch):
+    counts = count_batches(monkeypatch)
+    proc = call_script('main.py', '--data', corpus_dir, *ARGS, '--epochs', 2, '--dry-run', cwd=tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    # 2 epochs of one training batch; one valid batch per epoch and one test batch
+    assert counts == {'train': 2, 'evaluation': 3}
+    out = proc.stdout
+    assert '| dry run: one batch of training and one batch of evaluation per epoch' in out
+    progress = [line for line in out.splitlines() if line.startswith('| epoch ')]
+    assert [line[:33] for line in progress] == [f'| epoch   {n} |     1/    1 batches' for n in (1, 2)]
+    assert out.count('| end of epoch') == 2 and '| End of training | test loss' in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['model.pt', 'model.pt.resume']
+
+
+def test_resuming_a_dry_run_continues_a_dry_run(tmp_path, call_script, corpus_dir, monkeypatch):
+    proc = call_script('main.py', '--data', corpus_dir, *ARGS, '--epochs', 1, '--dry-run', cwd=tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    counts = count_batches(monkeypatch)
+    proc = call_script('main.py', '--data', corpus_dir, *ARGS, '--epochs', 2, '--dry-run',
+                       '--resume', 'model.pt.resume', cwd=tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    assert '| resuming model.pt.resume at epoch 2, batch 0' in proc.stdout
+    assert counts == {'train': 1, 'evaluation': 2}
+
+    # the resumed run must be a dry run too: a full epoch would not continue the saved run
+    proc = call_script('main.py', '--data', corpus_dir, *ARGS, '--epochs', 3, '--resume', 'model.pt.resume',
+                       cwd=tmp_path)
+    assert '--dry-run was True, now False' in error_line(proc, 'main.py', 2)
+
+
+def test_evaluate_one_batch_is_the_loss_of_the_first_batch():
+    torch.manual_seed(0)
+    model = RNNModel('GRU', 24, 8, 8, 1, dropout=0.0)
+    source = data.batchify(torch.randint(24, (10 * 31,)), 10)  # 31 rows: batches of 10, 10, 10 rows
+    loss = training.evaluate(model, source, 10, contextlib.nullcontext, one_batch=True)
+    with torch.no_grad():
+        inputs, targets = data.get_batch(source, 0, 10)
+        logits, _ = model(inputs, model.init_hidden(10))
+        first = F.cross_entropy(logits.view(-1, 24), targets).item()
+    assert abs(loss - first) < 1e-6
+    assert abs(training.evaluate(model, source, 10, contextlib.nullcontext) - first) > 1e-4  # all three batches
