@@ -231,6 +231,34 @@ def select_device(args):
     return torch.device('cpu')
 
 
+# CPU features for fp16 arithmetic: x86's AVX512-FP16 and AMX-FP16, Arm's half-precision extension.
+NATIVE_FP16_FLAGS = {'avx512_fp16', 'amx_fp16', 'asimdhp', 'fphp'}
+
+
+def cpu_has_native_fp16(cpuinfo=None):
+    """Whether the CPU computes in fp16 itself (from /proc/cpuinfo's flags); None where that cannot be read."""
+    if cpuinfo is None:
+        try:
+            with open('/proc/cpuinfo') as f:
+                cpuinfo = f.read()
+        except OSError:
+            return None
+    flags = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(':')
+        if key.strip() in ('flags', 'Features'):
+            flags.update(value.split())
+    return bool(flags & NATIVE_FP16_FLAGS)
+
+
+def warn_if_fp16_is_slow(args, device):
+    """Without native fp16 arithmetic every fp16 operation is emulated: say so once, at start-up."""
+    if device.type == 'cpu' and (args.fp16 or args.amp) and cpu_has_native_fp16() is False:
+        flag = '--fp16' if args.fp16 else '--amp'
+        print(f'Warning: this CPU has no native fp16 arithmetic, so {flag} runs many times slower than fp32 '
+              'here (about 20x on an AMD Zen 4); --bf16 is the fast low precision on a CPU.', flush=True)
+
+
 # ---------------------------------------------------------------- signals and closed output
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # Ctrl-C, kill, a closed terminal

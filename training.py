@@ -19,7 +19,7 @@ import checkpoint
 import data
 import onnx_export
 from chunked_cross_entropy import chunked_cross_entropy
-from cli import StopRequest, UsageError, check_model_size, select_device, uses_default_data
+from cli import StopRequest, UsageError, check_model_size, select_device, uses_default_data, warn_if_fp16_is_slow
 from model import build_model, repackage_hidden
 from recipes import TrainingDiverged
 
@@ -35,6 +35,7 @@ class Run:
         self.args = args
         torch.manual_seed(args.seed)
         self.device = select_device(args)
+        warn_if_fp16_is_slow(args, self.device)
         if uses_default_data(args.data):
             data.download_wikitext2(args.data)
         # The dictionary is padded to a multiple of 8 so the decoder's GEMM can use Tensor Cores.
