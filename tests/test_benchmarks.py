@@ -13,6 +13,7 @@ import cli
 import training
 from benchmarks import chunked_cross_entropy as chunked_bench
 from benchmarks import corpus as corpus_bench
+from benchmarks import fp16_cpu_profile as fp16_profile_bench
 from benchmarks import fp16_optimizer as fp16_optimizer_bench
 from benchmarks import recipes as recipes_bench
 from conftest import ENV, REPO
@@ -152,9 +153,29 @@ def test_chunked_cross_entropy_benchmark_swaps_the_loss_train_batch_uses():
     assert training.cross_entropy is not variant.loss
 
 
-@pytest.mark.parametrize('module', [recipes_bench, corpus_bench, fp16_optimizer_bench, chunked_bench])
+@pytest.mark.parametrize('module', [recipes_bench, corpus_bench, fp16_optimizer_bench, chunked_bench, fp16_profile_bench])
 def test_help_names_the_module_command(module, capsys):
     with pytest.raises(SystemExit) as exit_:
         module.main(['--help'])
     assert exit_.value.code == 0
     assert capsys.readouterr().out.startswith(f'usage: python3 -m {module.__name__} ')
+
+
+def test_fp16_cpu_profile_smoke(capsys):
+    """One profiled step of each recipe: both tables, with the matrix products in them, and the ratio."""
+    threads = torch.get_num_threads()
+    try:
+        code = cli.run(fp16_profile_bench.main, ['--nhid', '8', '--ntokens', '40', '--batch_size', '2', '--bptt', '3'],
+                       prog=fp16_profile_bench.PROG)
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert code == 0, out
+    fp32, fp16 = out.split('== fp32: ')[1].split('== fp16 manual: ')
+    assert 'aten::addmm' in fp32 and 'aten::addmm' in fp16, out
+    assert '| fp16 manual / fp32: ' in fp16
+
+
+def test_fp16_cpu_profile_rejects_bad_sizes(capsys):
+    assert cli.run(fp16_profile_bench.main, ['--nhid', '0'], prog=fp16_profile_bench.PROG) == 2
+    assert capsys.readouterr().err == f'{fp16_profile_bench.PROG}: error: --nhid must be at least 1 (got 0).\n'
