@@ -40,7 +40,7 @@ def atomic_write(path, mode='wb', **open_args):
     An error while writing becomes a WriteError saying why.
     """
     directory, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(directory, f'.{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp')
+    tmp = os.path.join(directory, temp_name(name, os.getpid(), secrets.token_hex(4)))
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666 & ~umask, as open() does
         with os.fdopen(fd, mode, **open_args) as f:
@@ -57,19 +57,33 @@ def atomic_write(path, mode='wb', **open_args):
         raise
 
 
+def temp_name(name, pid, token):
+    """The name atomic_write writes name's new content under first, beside it (token: 8 hex digits)."""
+    return f'.{name}.{pid}.{token}.tmp'
+
+
+TEMP_NAME = re.compile(r'\.(?P<name>.+)\.\d+\.[0-9a-f]{8}\.tmp')  # what temp_name makes
+
+
+def exception_chain(error):
+    """error, and every exception it was raised from or while handling, each once."""
+    pending, seen = [error], set()
+    while pending:
+        e = pending.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        pending += [e.__cause__, e.__context__]
+
+
 def os_error(e):
     """What the operating system said, if e is an OSError or was raised while handling one (torch.save
     wraps a failed write in a RuntimeError); None if there is none, or if e comes from a signal or an exit."""
-    chain = []
-    while e is not None and e not in chain:
-        chain.append(e)
-        e = e.__cause__ or e.__context__
+    chain = list(exception_chain(e))
     if not all(isinstance(x, Exception) for x in chain):
         return None
     return next((x.strerror or str(x) for x in chain if isinstance(x, OSError)), None)
-
-
-TEMP_NAME = re.compile(r'\.(?P<name>.+)\.\d+\.[0-9a-f]{8}\.tmp')
 
 
 class SaveLock:
@@ -183,7 +197,11 @@ CONTENT_ERRORS = (KeyError, TypeError, ValueError, RuntimeError, AttributeError)
 
 def load_model(path):
     """(fp32 RNNModel or TransformerModel on the CPU, idx2word, padding indices) from a best-model checkpoint."""
-    ckpt = load(path)
+    return model_from(load(path), path)
+
+
+def model_from(ckpt, path):
+    """load_model's result from the checkpoint dict load(path) returned."""
     try:
         missing = [key for key in ('model_args', 'model', 'vocab') if key not in ckpt]
         if missing:
@@ -231,6 +249,11 @@ def check_archive(path):
 MODEL_SIZES = ('ntoken', 'ninp', 'nhid', 'nlayers')
 
 
+def is_int(x, low, high=math.inf):
+    """x is a whole number from low to high; bool is an int too, and is refused."""
+    return type(x) is int and low <= x <= high
+
+
 def check_weights(weights):
     """Raise ValueError unless weights map names to dense floating-point tensors on the CPU."""
     if not isinstance(weights, dict):
@@ -255,12 +278,11 @@ def check_model_args(args, weights):
     if not isinstance(args, dict) or set(args) != set(names):
         raise ValueError(f"its model_args are not {model_class}'s arguments {', '.join(names)}.")
     valid = {'rnn_type': isinstance(args['rnn_type'], str) and args['rnn_type'] in MODEL_TYPES,
-             **{name: type(args[name]) is int and args[name] >= 1 for name in MODEL_SIZES},  # bool is refused
+             **{name: is_int(args[name], 1) for name in MODEL_SIZES},
              'dropout': type(args['dropout']) in (int, float) and 0 <= args['dropout'] < 1,  # nan is refused
              'tie_weights': type(args['tie_weights']) is bool}
     if transformer:  # each head takes ninp / nhead dimensions
-        valid['nhead'] = (type(args['nhead']) is int and args['nhead'] >= 1 and valid['ninp']
-                          and args['ninp'] % args['nhead'] == 0)
+        valid['nhead'] = is_int(args['nhead'], 1) and valid['ninp'] and args['ninp'] % args['nhead'] == 0
     wrong = [f'{name} {describe_value(args[name])}' for name, ok in valid.items() if not ok]
     if wrong:
         raise ValueError(f"its model_args hold {', '.join(wrong)}, which {model_class} cannot take.")
@@ -321,7 +343,7 @@ def check_vocab(vocab, ntoken):
         raise ValueError(f'its vocabulary has {len(words)} words but its model has {ntoken}.')
     if type(padding) is not list:
         raise ValueError(f'its vocabulary padding is {describe_value(padding)}, not a list of word indices.')
-    not_indices = [i for i in padding if not (type(i) is int and 0 <= i < ntoken)]  # bool is refused
+    not_indices = [i for i in padding if not is_int(i, 0, ntoken - 1)]
     if not_indices:
         raise ValueError(f'its vocabulary padding holds {describe_value(not_indices[0])}, '
                          f'which is not a word index from 0 to {ntoken - 1}.')
@@ -340,6 +362,12 @@ def describe_error(e):
 # --resume continues the saved run exactly, so every flag must be as it was saved, except these,
 # which change neither the model nor the numbers it computes.
 RESUME_MAY_CHANGE = ('epochs', 'save', 'log_interval', 'data', 'cuda', 'accel', 'resume', 'onnx_export')
+
+
+def may_change_flags():
+    """RESUME_MAY_CHANGE as the user types the flags: '--epochs, ... and --onnx-export' (--resume goes without saying)."""
+    flags = [flag_name(dest) for dest in RESUME_MAY_CHANGE if dest != 'resume']
+    return ', '.join(flags[:-1]) + ' and ' + flags[-1]
 
 
 def flag_name(dest):
@@ -377,8 +405,8 @@ def load_resume(path, model, dictionary, args, recipe, progress_fields, nbatches
         differences = [f'{flag_name(key)} was {saved_args.get(key, False)}, now {now.get(key, False)}'
                        for key in sorted(set(saved_args) | set(now))
                        if key not in may_change and saved_args.get(key, False) != now.get(key, False)]
-        rule = (' (a resumed run continues the saved one exactly: only --epochs, --save, --log-interval, --data, '
-                '--cuda, --accel and --onnx-export may change)') if differences else ''
+        rule = (f' (a resumed run continues the saved one exactly: only {may_change_flags()} may change)'
+                if differences else '')
         if saved_words != dictionary.idx2word:
             differences.append(f'the vocabulary differs ({len(saved_words)} words saved, {len(dictionary)} in --data)')
         if not differences and state['recipe'] != recipe.name:
@@ -405,9 +433,6 @@ def load_resume(path, model, dictionary, args, recipe, progress_fields, nbatches
 
 def check_progress(progress, nbatches, initial_hidden):
     """Raise ValueError naming the first saved progress field a run could not continue from."""
-    def is_int(x, low, high=math.inf):
-        return type(x) is int and low <= x <= high  # bool is an int too, and is refused
-
     def is_number(x, low=0.0):
         return type(x) is float and math.isfinite(x) and x >= low
 

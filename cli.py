@@ -173,12 +173,13 @@ def check_output_file(flag, path, inputs=()):
         raise UsageError(f'{flag} {path}: directory {directory} is not writable.')
     if os.path.exists(path) and not os.access(path, os.W_OK):
         raise UsageError(f'{flag} {path} is not writable (read-only or immutable); make it writable or give another name.')
-    # atomic_write writes '.NAME.PID.XXXXXXXX.tmp' first: the file system must take that name too.
-    longest = len(os.fsencode(os.path.basename(path))) + len(f'..{2 ** 22}.{"x" * 8}.tmp')
+    # atomic_write writes a temporary name first (the pid at most 2**22): the file system must take it too.
+    name_bytes = len(os.fsencode(os.path.basename(path)))
+    longest = len(os.fsencode(checkpoint.temp_name(os.path.basename(path), 2 ** 22, 'x' * 8)))
     name_max = os.pathconf(directory, 'PC_NAME_MAX')
     if longest > name_max:
         raise UsageError(f'{flag} {path}: the name is too long for the file system (at most '
-                         f'{name_max - longest + len(os.fsencode(os.path.basename(path)))} bytes here).')
+                         f'{name_max - longest + name_bytes} bytes here).')
     for input_flag, input_path in inputs:
         same_name = os.path.abspath(path) == os.path.abspath(input_path)  # also for files not written yet
         if same_name or os.path.exists(path) and os.path.exists(input_path) and os.path.samefile(path, input_path):
@@ -332,16 +333,7 @@ def call_main(main, argv, prog):
 
 def signal_exit_in(error):
     """The SignalExit that error is, or was raised from or while handling, if any."""
-    pending, seen = [error], set()
-    while pending:
-        e = pending.pop()
-        if e is None or id(e) in seen:
-            continue
-        if isinstance(e, SignalExit):
-            return e
-        seen.add(id(e))
-        pending += [e.__cause__, e.__context__]
-    return None
+    return next((e for e in checkpoint.exception_chain(error) if isinstance(e, SignalExit)), None)
 
 
 class OutputThatMayClose:

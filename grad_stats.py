@@ -21,8 +21,8 @@ are collected once and each S is applied to them. fp16 holds |g * S| as
 only from 65520 to inf). Gradients that are exactly 0 (rows of the embedding for words not in
 the batch, activations that dropout removed) are 0 in any precision: they are counted apart,
 and the shares are of the nonzero values. Each gradient is classified as if it were the only one
-rounded to fp16; in an fp16 backward, the activations' gradients that were flushed are missing
-from the gradients computed from them, so the losses compound.
+rounded to fp16; in an fp16 backward, the activations' gradients that were flushed are also
+missing in the gradients computed from them, so the losses compound.
 
     python grad_stats.py --checkpoint model.pt --out grad_stats.png
 """
@@ -219,9 +219,9 @@ class ActivationGrads:
 
 # ---------------------------------------------------------------- the text, the batches
 
-def saved_batch_shape(args):
+def saved_batch_shape(args, ckpt):
     """--batch_size and --bptt, or else those the checkpoint was trained with, or else the training scripts' defaults."""
-    saved = checkpoint.load(args.checkpoint).get('args')
+    saved = ckpt.get('args')
     saved = saved if isinstance(saved, dict) else {}
     shape = {}
     for name, default in (('batch_size', 24), ('bptt', 35)):
@@ -336,9 +336,10 @@ def draw(path, panels):
 def main(argv=None):
     args = parse_args(argv)
     device = cli.select_device(args)
-    shape = saved_batch_shape(args)
+    ckpt = checkpoint.load(args.checkpoint)
+    shape = saved_batch_shape(args, ckpt)
     (batch_size, batch_size_from), (bptt, bptt_from) = shape['batch_size'], shape['bptt']
-    model, idx2word, _ = checkpoint.load_model(args.checkpoint)
+    model, idx2word, _ = checkpoint.model_from(ckpt, args.checkpoint)
     tokens = read_tokens(args, idx2word)
     if len(tokens) // batch_size < 2:
         raise cli.UsageError(f'--batch_size {batch_size} is too large for the {args.split} split ({len(tokens)} tokens): '
