@@ -447,6 +447,8 @@ def check_progress(progress, nbatches, initial_hidden):
         'line_loss': is_number(p['line_loss']),
         'line_tokens': is_int(p['line_tokens'], 0),
         'line_seconds': is_number(p['line_seconds']),
+        'elapsed': is_number(p['elapsed']),
+        'metrics_bytes': is_int(p['metrics_bytes'], 0),
         # An RNN run carries a state from batch 1 on; a Transformer (initial_hidden None) never has one.
         'hidden': ((p['hidden'] is None) == (p['next_batch'] == 0 or initial_hidden is None)
                    and same_shapes(p['hidden'], initial_hidden)),

@@ -118,6 +118,7 @@ def check_training_args(args):
     data_files = [('--data', os.path.join(args.data, f'{split}.txt')) for split in data.SPLITS]
     check_output_file('--save', args.save, data_files)
     check_output_file('SAVE.resume', args.save + '.resume', data_files)
+    check_output_file('SAVE.metrics.jsonl', args.save + '.metrics.jsonl', data_files)
     if args.resume is not None and not os.path.isfile(args.resume):
         raise UsageError(f'--resume {args.resume}: no such file.')
     if args.onnx_export:
@@ -148,6 +149,14 @@ def check_onnx_export(args, data_files):
     if args.resume is not None:
         run_files.append(('--resume', args.resume))
     check_output_file('--onnx-export', args.onnx_export, data_files + run_files)
+
+
+def require_matplotlib(what):
+    """Drawing needs matplotlib, an optional dependency."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UsageError(f'{what} needs matplotlib, which is not installed: pip install -r requirements-plot.txt') from None
 
 
 def uses_default_data(path):
@@ -230,34 +239,6 @@ def select_device(args):
     if torch.cuda.is_available():
         print('WARNING: You have a CUDA device, so you should probably run with --cuda')
     return torch.device('cpu')
-
-
-# CPU features for fp16 arithmetic: x86's AVX512-FP16 and AMX-FP16, Arm's half-precision extension.
-NATIVE_FP16_FLAGS = {'avx512_fp16', 'amx_fp16', 'asimdhp', 'fphp'}
-
-
-def cpu_has_native_fp16(cpuinfo=None):
-    """Whether the CPU computes in fp16 itself (from /proc/cpuinfo's flags); None where that cannot be read."""
-    if cpuinfo is None:
-        try:
-            with open('/proc/cpuinfo') as f:
-                cpuinfo = f.read()
-        except OSError:
-            return None
-    flags = set()
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(':')
-        if key.strip() in ('flags', 'Features'):
-            flags.update(value.split())
-    return bool(flags & NATIVE_FP16_FLAGS)
-
-
-def warn_if_fp16_is_slow(args, device):
-    """Without native fp16 arithmetic every fp16 operation is emulated: say so once, at start-up."""
-    if device.type == 'cpu' and (args.fp16 or args.amp) and cpu_has_native_fp16() is False:
-        flag = '--fp16' if args.fp16 else '--amp'
-        print(f'Warning: this CPU has no native fp16 arithmetic, so {flag} runs many times slower than fp32 '
-              'here (about 20x on an AMD Zen 4); --bf16 is the fast low precision on a CPU.', flush=True)
 
 
 # ---------------------------------------------------------------- signals and closed output

@@ -80,12 +80,7 @@ def parse_args(argv):
     if not cli.uses_default_data(args.data) and not os.path.isdir(args.data):
         raise cli.UsageError(f'--data {args.data}: no such directory.')
     if args.out is not None:
-        # Checked before the minutes of work, not after them.
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise cli.UsageError('--out needs matplotlib, which is not installed: '
-                                 'pip install -r requirements-plot.txt') from None
+        cli.require_matplotlib('--out')  # checked before the minutes of work, not after them
         data_files = [('--data', os.path.join(args.data, f'{split}.txt')) for split in data.SPLITS]
         cli.check_output_file('--out', args.out, [('--checkpoint', args.checkpoint), *data_files])
         # The picture shows scales 1 and PLOT_SCALE, with their shares.

@@ -16,10 +16,12 @@ import torch
 import torch.nn.functional as F
 
 import checkpoint
+import cpu_fp16_matmul
 import data
 import onnx_export
+from metrics import MetricsFile, run_record
 from chunked_cross_entropy import chunked_cross_entropy
-from cli import StopRequest, UsageError, check_model_size, select_device, uses_default_data, warn_if_fp16_is_slow
+from cli import StopRequest, UsageError, check_model_size, select_device, uses_default_data
 from model import build_model, repackage_hidden
 from recipes import TrainingDiverged
 
@@ -35,7 +37,7 @@ class Run:
         self.args = args
         torch.manual_seed(args.seed)
         self.device = select_device(args)
-        warn_if_fp16_is_slow(args, self.device)
+        cpu_fp16_matmul.prepare(args, self.device)  # a CPU speed fix; the recipes' math is unchanged
         if uses_default_data(args.data):
             data.download_wikitext2(args.data)
         # The dictionary is padded to a multiple of 8 so the decoder's GEMM can use Tensor Cores.
@@ -84,6 +86,8 @@ class Progress:
     line_loss: float = 0.0       # summed loss, tokens and seconds of batches line_start .. next_batch - 1
     line_tokens: int = 0
     line_seconds: float = 0.0
+    elapsed: float = 0.0         # seconds since the run started (SAVE.metrics.jsonl's clock)
+    metrics_bytes: int = 0       # the length of SAVE.metrics.jsonl
 
     def next_epoch(self):
         return Progress(epoch=self.epoch + 1, best_val_loss=self.best_val_loss, skipped=self.skipped)
@@ -115,8 +119,9 @@ def learning_rate(recipe):
     return recipe.optimizer.param_groups[0]['lr']
 
 
-def train_epoch(run, recipe, progress, stop):
-    """Train from progress.next_batch to the end of the epoch, or until a stop is requested."""
+def train_epoch(run, recipe, progress, stop, metrics):
+    """Train from progress.next_batch to the end of the epoch, or until a stop is requested;
+    each progress line is printed and written to metrics."""
     args, model = run.args, run.model
     model.train()
     hidden = progress.hidden if progress.hidden is not None else model.init_hidden(args.batch_size)
@@ -141,11 +146,15 @@ def train_epoch(run, recipe, progress, stop):
             cur_loss = line_loss.item() / batches
             seconds = progress.line_seconds + time.time() - line_clock
             eta = (time.time() - epoch_start) / (done - first_batch) * (len(starts) - done)
-            scale = '' if recipe.loss_scale is None else f' | loss scale {recipe.loss_scale:g}'
+            ms_per_batch, tokens_per_s = seconds * 1000 / batches, progress.line_tokens / seconds
+            loss_scale = recipe.loss_scale
+            scale = '' if loss_scale is None else f' | loss scale {loss_scale:g}'
             print(f'| epoch {progress.epoch:3d} | {done:5d}/{len(starts):5d} batches | lr {learning_rate(recipe):.3g} '
-                  f'| ms/batch {seconds * 1000 / batches:5.2f} | loss {cur_loss:5.2f} | ppl {ppl(cur_loss):8.2f} '
-                  f'| tok/s {progress.line_tokens / seconds:7.0f} | eta {eta:4.0f}s{scale} '
-                  f'| skipped {progress.epoch_skipped}', flush=True)
+                  f'| ms/batch {ms_per_batch:5.2f} | loss {cur_loss:5.2f} | ppl {ppl(cur_loss):8.2f} '
+                  f'| tok/s {tokens_per_s:7.0f} | eta {eta:4.0f}s{scale} | skipped {progress.epoch_skipped}', flush=True)
+            metrics.write('train', epoch=progress.epoch, batch=done, step=(progress.epoch - 1) * len(starts) + done,
+                          lr=learning_rate(recipe), loss=cur_loss, ppl=ppl(cur_loss), ms_per_batch=ms_per_batch,
+                          tokens_per_s=tokens_per_s, loss_scale=loss_scale, skipped=progress.skipped)
             line_loss.zero_()
             progress.line_start, progress.line_tokens, progress.line_seconds = done, 0, 0.0
             line_clock = time.time()
@@ -190,6 +199,7 @@ def train(run, recipe):
     resume_file = args.save + '.resume'
 
     def save_resume():
+        progress.elapsed, progress.metrics_bytes = metrics.elapsed(), metrics.size()
         checkpoint.save_resume(resume_file, model, run.corpus.dictionary, args, recipe, dataclasses.asdict(progress))
 
     # One run per --save (a second is refused); Ctrl-C, SIGTERM or SIGHUP stops after the current batch.
@@ -200,52 +210,61 @@ def train(run, recipe):
                                            [f.name for f in dataclasses.fields(Progress)], len(run.batch_starts))
             progress = Progress(**saved)
             print(f'| resuming {args.resume} at epoch {progress.epoch}, batch {progress.next_batch}', flush=True)
-        optimizer = 'AdamW' if args.use_optimizer else 'SGD'  # recipes.optimizer's choice
-        print(f'| device {run.device} | precision {recipe.describe()} | optimizer {optimizer} '
-              f'| vocabulary {run.ntokens} | train tokens {len(run.corpus.train)}', flush=True)
-        if args.dry_run:
-            print('| dry run: one batch of training and one batch of evaluation per epoch', flush=True)
-        try:
-            while progress.epoch <= args.epochs and not stop.requested:
-                epoch_start = time.time()
-                train_epoch(run, recipe, progress, stop)
-                if progress.next_batch < len(run.batch_starts):
-                    break  # stopped inside the epoch: SAVE.resume continues from next_batch
-                val_loss = evaluate(model, run.val_data, args.bptt, recipe.autocast, one_batch=args.dry_run)
-                if not math.isfinite(val_loss):
-                    raise TrainingDiverged()
+        with MetricsFile(args.save + '.metrics.jsonl', progress.metrics_bytes if args.resume else None,
+                         progress.elapsed) as metrics:
+            if metrics.note:
+                print(f'| {metrics.note}', flush=True)
+            metrics.write('run', **run_record(args, recipe, run.device, progress, len(run.batch_starts)))
+            optimizer = 'AdamW' if args.use_optimizer else 'SGD'  # recipes.optimizer's choice
+            print(f'| device {run.device} | precision {recipe.describe()} | optimizer {optimizer} '
+                  f'| vocabulary {run.ntokens} | train tokens {len(run.corpus.train)}', flush=True)
+            if args.dry_run:
+                print('| dry run: one batch of training and one batch of evaluation per epoch', flush=True)
+            try:
+                while progress.epoch <= args.epochs and not stop.requested:
+                    epoch_start = time.time()
+                    train_epoch(run, recipe, progress, stop, metrics)
+                    if progress.next_batch < len(run.batch_starts):
+                        break  # stopped inside the epoch: SAVE.resume continues from next_batch
+                    val_loss = evaluate(model, run.val_data, args.bptt, recipe.autocast, one_batch=args.dry_run)
+                    if not math.isfinite(val_loss):
+                        raise TrainingDiverged()
+                    print('-' * 89)
+                    print(f'| end of epoch {progress.epoch:3d} | time: {time.time() - epoch_start:5.2f}s '
+                          f'| valid loss {val_loss:5.2f} | valid ppl {ppl(val_loss):8.2f}')
+                    print('-' * 89, flush=True)
+                    if progress.best_val_loss is None or val_loss < progress.best_val_loss:
+                        progress.best_val_loss = val_loss
+                        with stopping_if_lost(f'the epoch {progress.epoch} model (valid loss {val_loss:.2f}) is lost'):
+                            checkpoint.save(checkpoint.model_checkpoint(model, run.corpus.dictionary, args, val_loss),
+                                            args.save)
+                    else:
+                        # No improvement on validation: anneal the learning rate.
+                        for group in recipe.optimizer.param_groups:
+                            group['lr'] /= 4.0
+                    metrics.write('epoch', epoch=progress.epoch, valid_loss=val_loss, valid_ppl=ppl(val_loss),
+                                  epoch_seconds=time.time() - epoch_start, best=val_loss == progress.best_val_loss,
+                                  lr=learning_rate(recipe), skipped=progress.skipped)
+                    progress = progress.next_epoch()
+                    with stopping_if_lost('--resume can continue only from an earlier SAVE.resume'):
+                        save_resume()
+            except TrainingDiverged:
+                kept = (f'the best model so far is kept in {args.save}' if progress.best_val_loss is not None
+                        else 'no model was saved')
+                raise TrainingDiverged(
+                    f'training diverged: the loss or the gradients became inf or NaN in epoch {progress.epoch} with lr '
+                    f'{learning_rate(recipe):g} (try a smaller --lr); {kept}.') from None
+            if stop.requested:
+                if progress.next_batch:
+                    lost = f'the {progress.next_batch} batches of epoch {progress.epoch} cannot be resumed'
+                    with stopping_if_lost(lost):
+                        save_resume()
                 print('-' * 89)
-                print(f'| end of epoch {progress.epoch:3d} | time: {time.time() - epoch_start:5.2f}s '
-                      f'| valid loss {val_loss:5.2f} | valid ppl {ppl(val_loss):8.2f}')
-                print('-' * 89, flush=True)
-                if progress.best_val_loss is None or val_loss < progress.best_val_loss:
-                    progress.best_val_loss = val_loss
-                    with stopping_if_lost(f'the epoch {progress.epoch} model (valid loss {val_loss:.2f}) is lost'):
-                        checkpoint.save(checkpoint.model_checkpoint(model, run.corpus.dictionary, args, val_loss),
-                                        args.save)
-                else:
-                    # No improvement on validation: anneal the learning rate.
-                    for group in recipe.optimizer.param_groups:
-                        group['lr'] /= 4.0
-                progress = progress.next_epoch()
-                with stopping_if_lost('--resume can continue only from an earlier SAVE.resume'):
-                    save_resume()
-        except TrainingDiverged:
-            kept = (f'the best model so far is kept in {args.save}' if progress.best_val_loss is not None
-                    else 'no model was saved')
-            raise TrainingDiverged(
-                f'training diverged: the loss or the gradients became inf or NaN in epoch {progress.epoch} with lr '
-                f'{learning_rate(recipe):g} (try a smaller --lr); {kept}.') from None
-        if stop.requested:
-            if progress.next_batch:
-                with stopping_if_lost(f'the {progress.next_batch} batches of epoch {progress.epoch} cannot be resumed'):
-                    save_resume()
-            print('-' * 89)
-            print(f'Exiting from training early at epoch {progress.epoch}, batch {progress.next_batch}; '
-                  f'continue with --resume {resume_file}')
-        final_test(run, recipe, progress)
-        if args.onnx_export:
-            export_best_model(args, progress)
+                print(f'Exiting from training early at epoch {progress.epoch}, batch {progress.next_batch}; '
+                      f'continue with --resume {resume_file}')
+            final_test(run, recipe, progress, metrics, stopped=stop.requested)
+            if args.onnx_export:
+                export_best_model(args, progress)
     return stop.exit_code
 
 
@@ -258,8 +277,8 @@ def stopping_if_lost(what):
         raise checkpoint.WriteError(f'{e}; {what} (files saved before are unchanged).') from None
 
 
-def final_test(run, recipe, progress):
-    """Load the best model written so far and print its test loss."""
+def final_test(run, recipe, progress, metrics, stopped):
+    """Load the best model written so far; print its test loss and write it to metrics."""
     model = run.model
     if progress.best_val_loss is None:
         print('| no epoch finished, so there is no best model: testing the current weights')
@@ -272,6 +291,8 @@ def final_test(run, recipe, progress):
     print('=' * 89)
     print(f'| End of training | test loss {test_loss:5.2f} | test ppl {ppl(test_loss):8.2f}')
     print('=' * 89, flush=True)
+    metrics.write('end', test_loss=test_loss, test_ppl=ppl(test_loss), stopped=stopped, epoch=progress.epoch,
+                  batch=progress.next_batch, best_val_loss=progress.best_val_loss, skipped=progress.skipped)
 
 
 def export_best_model(args, progress):

@@ -27,6 +27,7 @@ import time
 import torch
 
 import cli
+import cpu_fp16_matmul
 import data
 import recipes
 import training
@@ -129,6 +130,8 @@ def measure(name, cfg, device, tokens):
         torch.backends.cudnn.allow_tf32 = tf32
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    elif MATH[name] == 'fp16' and cpu_fp16_matmul.cpu_has_native_fp16() is False:
+        cpu_fp16_matmul.use_fp32_products()  # as the scripts do on this CPU (each recipe has its own process)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, cfg.ntokens, cfg.emsize, cfg.nhid, cfg.nlayers, cfg.dropout, nhead=cfg.nhead)
     model.to(device)

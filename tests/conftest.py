@@ -15,6 +15,13 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+import cpu_fp16_matmul  # noqa: E402  (needs the path above)
+
+# fp16 products as the scripts compute them on this CPU (cpu_fp16_matmul.prepare), from the first
+# test on: in-process runs then match the scripts run as processes, whatever order tests run in.
+if cpu_fp16_matmul.cpu_has_native_fp16() is False:
+    cpu_fp16_matmul.use_fp32_products()
+
 
 @pytest.fixture(scope='session')
 def repo():
@@ -87,7 +94,8 @@ def run_script(script, *args, cwd, timeout=240, env=None, umask=None):
                           umask=-1 if umask is None else umask)
 
 
-SCRIPT_MODULES = {'main.py': 'main', 'main_fp16_optimizer.py': 'main_fp16_optimizer', 'generate.py': 'generate'}
+SCRIPT_MODULES = {'main.py': 'main', 'main_fp16_optimizer.py': 'main_fp16_optimizer', 'generate.py': 'generate',
+                  'plot.py': 'plot'}
 
 
 @pytest.fixture

@@ -91,30 +91,3 @@ def test_prog_names_a_module_run_with_dash_m(script_path, capsys):
     assert capsys.readouterr().err == 'python3 -m benchmarks.recipes: error: --steps must be at least 1 (got 0).\n'
 
 
-# ---------------------------------------------------------------- fp16 on a CPU without fp16 arithmetic
-
-CPUINFO = {  # the flag lines of /proc/cpuinfo that matter, and whether the CPU computes in fp16
-    'amd-zen4': ('flags\t\t: fpu sse2 avx2 f16c avx512f avx512_bf16 avx512_vnni\n', False),
-    'intel-sapphire-rapids': ('flags\t\t: fpu avx2 f16c avx512f avx512_bf16 avx512_fp16 amx_bf16\n', True),
-    'arm-neoverse': ('Features\t: fp asimd evtstrm fphp asimdhp cpuid\n', True),
-    'arm-without-fp16': ('Features\t: fp asimd evtstrm cpuid\n', False),
-}
-
-
-@pytest.mark.parametrize('cpu', list(CPUINFO))
-def test_native_fp16_is_read_from_the_cpu_flags(cpu):
-    text, native = CPUINFO[cpu]
-    assert cli.cpu_has_native_fp16('processor\t: 0\nmodel name\t: X\n' + text) is native
-
-
-@pytest.mark.parametrize('native, flag, warned', [(False, '--fp16', True), (False, '--amp', True),
-                                                  (False, '--bf16', False), (True, '--fp16', False)])
-def test_fp16_on_a_cpu_without_fp16_arithmetic_says_so_once(native, flag, warned, monkeypatch, call_script,
-                                                            corpus_dir, tmp_path):
-    monkeypatch.setattr(cli, 'cpu_has_native_fp16', lambda: native)
-    proc = call_script('main.py', '--data', corpus_dir, '--emsize', 16, '--nhid', 16, '--batch_size', 8,
-                       '--dry-run', '--epochs', 1, flag, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    expected = (f'Warning: this CPU has no native fp16 arithmetic, so {flag} runs many times slower than fp32 '
-                'here (about 20x on an AMD Zen 4); --bf16 is the fast low precision on a CPU.')
-    assert proc.stdout.splitlines().count(expected) == (1 if warned else 0), proc.stdout

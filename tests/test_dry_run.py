@@ -35,7 +35,7 @@ def test_dry_run_trains_and_evaluates_one_batch_per_epoch(tmp_path, call_script,
     progress = [line for line in out.splitlines() if line.startswith('| epoch ')]
     assert [line[:33] for line in progress] == [f'| epoch   {n} |     1/    1 batches' for n in (1, 2)]
     assert out.count('| end of epoch') == 2 and '| End of training | test loss' in out
-    assert sorted(p.name for p in tmp_path.iterdir()) == ['model.pt', 'model.pt.resume']
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['model.pt', 'model.pt.metrics.jsonl', 'model.pt.resume']
 
 
 def test_resuming_a_dry_run_continues_a_dry_run(tmp_path, call_script, corpus_dir, monkeypatch):

@@ -88,7 +88,7 @@ def test_the_exported_graph_computes_the_best_models_logits(script, flags, tmp_p
     proc = call_script(script, '--data', corpus_dir, *ARGS, *flags, '--onnx-export', 'model.onnx', cwd=tmp_path)
     assert proc.returncode == 0, describe(proc)
     assert proc.stdout.endswith('| the best model is exported to ONNX in model.onnx\n')
-    assert sorted(p.name for p in tmp_path.iterdir()) == ['model.onnx', 'model.pt', 'model.pt.resume']
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['model.onnx', 'model.pt', 'model.pt.metrics.jsonl', 'model.pt.resume']
     assert not temp_files(tmp_path)
 
     graph = onnx.load(str(tmp_path / 'model.onnx')).graph

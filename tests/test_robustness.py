@@ -18,6 +18,7 @@ instead of a torch import. test_real_script_error_path checks that real processe
 way (also with a package printing warnings at start-up). Training runs, --resume runs and
 signals use real processes.
 """
+import json
 import os
 import random
 import re
@@ -55,11 +56,22 @@ def snapshot(root):
     return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else 'dir') for p in sorted(root.rglob('*'))}
 
 
-def assert_unchanged(before, root):
+def assert_unchanged(before, root, written=()):
+    """Nothing under root changed but the files named in written, which the run wrote (its metrics)."""
     after = snapshot(root)
+    for name in written:
+        assert after.pop(name), name
     assert sorted(after) == sorted(before), 'files appeared or vanished'
     changed = [name for name in before if before[name] != after[name]]
     assert not changed, f'changed: {changed}'
+
+
+def assert_whole_json_lines(path):
+    """A metrics file: every line a whole JSON record."""
+    text = Path(path).read_text()
+    assert text.endswith('\n')
+    for line in text.splitlines():
+        json.loads(line)
 
 
 def normalized(line):
@@ -623,7 +635,7 @@ def test_diverging_fp32_run_stops(name, tmp_path, call_script, corpus_dir, case_
                     'with lr 1e+38 (try a smaller --lr); no model was saved.'), line
     assert '| device cpu | precision fp32' in proc.stdout  # it did train
     assert '| end of epoch' not in proc.stdout
-    assert_unchanged(before, tmp_path)
+    assert_unchanged(before, tmp_path, written=['case/model.pt.metrics.jsonl'])
 
 
 # ---------------------------------------------------------------- signals
@@ -730,10 +742,13 @@ def test_second_signal_quits_at_once_leaving_whole_files(when, tmp_path, long_te
     assert 'Traceback' not in done.stdout + done.stderr, describe(done)
     files = sorted(p.name for p in tmp_path.iterdir())
     if when == 'during-the-test-evaluation':
-        assert files == ['model.pt', 'model.pt.resume'], files
+        assert files == ['model.pt', 'model.pt.metrics.jsonl', 'model.pt.resume'], files
     assert not [f for f in files if f.endswith('.tmp')], files
     for f in files:
-        checkpoint.load(str(tmp_path / f))  # every file left is a whole checkpoint
+        if f.endswith('.metrics.jsonl'):
+            assert_whole_json_lines(tmp_path / f)
+        else:
+            checkpoint.load(str(tmp_path / f))  # every other file left is a whole checkpoint
 
 
 # ---------------------------------------------------------------- reproducibility
@@ -832,7 +847,7 @@ def assert_trained(proc, cwd):
     assert header(proc.stdout).startswith('| device cpu | precision fp32 |')
     assert sorted(progress_by_epoch(proc.stdout)) == [1]
     end_line(proc.stdout)
-    assert sorted(p.name for p in cwd.iterdir()) == ['model.pt', 'model.pt.resume']
+    assert sorted(p.name for p in cwd.iterdir()) == ['model.pt', 'model.pt.metrics.jsonl', 'model.pt.resume']
     checkpoint.load_model(str(cwd / 'model.pt'))
     assert checkpoint.load(str(cwd / 'model.pt.resume'))['resume']['progress']['epoch'] == 2
 

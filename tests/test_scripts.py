@@ -87,7 +87,7 @@ def test_training_run(name, training_runs, corpus_dir):
     model, idx2word, padding = checkpoint.load_model(str(ckpt_path))
     assert model.encoder.num_embeddings == len(idx2word) == len(corpus.dictionary)
     # an ordinary file's permissions under the run's umask (022), and no temporary file left by the atomic save
-    assert sorted(p.name for p in cwd.iterdir()) == ['model.pt', 'model.pt.resume']
+    assert sorted(p.name for p in cwd.iterdir()) == ['model.pt', 'model.pt.metrics.jsonl', 'model.pt.resume']
     assert file_mode(ckpt_path) == file_mode(cwd / 'model.pt.resume') == 0o644
     assert not temp_files(cwd)
 
@@ -328,6 +328,6 @@ def test_written_files_follow_a_strict_umask(tmp_path, corpus_dir):
     proc = run_script('generate.py', '--words', 30, cwd=tmp_path, env=ENV, umask=0o077)  # model.pt -> generated.txt
     assert proc.returncode == 0, describe(proc)
     assert len((tmp_path / 'generated.txt').read_text().split()) == 30
-    assert sorted(p.name for p in tmp_path.iterdir()) == ['generated.txt', 'model.pt', 'model.pt.resume']
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['generated.txt', 'model.pt', 'model.pt.metrics.jsonl', 'model.pt.resume']
     assert {name: file_mode(tmp_path / name) for name in ('generated.txt', 'model.pt', 'model.pt.resume')} == \
         {'generated.txt': 0o600, 'model.pt': 0o600, 'model.pt.resume': 0o600}

@@ -25,7 +25,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import ENV, REPO, describe, error_line, temp_files, write_corpus
-from test_robustness import read_until
+from test_robustness import assert_whole_json_lines, read_until
 
 import checkpoint
 import cli
@@ -102,10 +102,12 @@ def assert_clean_exit(done, rc):
 
 
 def assert_only_whole_files(directory):
-    """No temporary file is left, and every file is a whole checkpoint."""
+    """No temporary file is left, every checkpoint is whole, and the metrics file holds whole records."""
     assert not temp_files(directory), temp_files(directory)
     for path in Path(directory).iterdir():
-        if not path.name.startswith('.'):  # a lock file
+        if path.name.endswith('.metrics.jsonl'):
+            assert_whole_json_lines(path)
+        elif not path.name.startswith('.'):  # a lock file
             checkpoint.load(str(path))
 
 

@@ -13,6 +13,7 @@ import checkpoint
 import data
 import recipes
 import training
+from metrics import MetricsFile
 from model import RNNModel
 
 NTOKEN = 24
@@ -55,16 +56,22 @@ def tiny_run(nbatches=6, log_interval=2):
     return run
 
 
+@pytest.fixture
+def metrics(tmp_path):
+    with MetricsFile(tmp_path / 'model.pt.metrics.jsonl') as f:
+        yield f
+
+
 def periodic_skips(out):
     return [int(n) for n in re.findall(r'^\| epoch +\d+ \| .* \| skipped (\d+)$', out, re.M)]
 
 
 @pytest.mark.parametrize('loss_scale', [64.0, None])
-def test_train_epoch_counts_and_reports_skipped_updates(loss_scale, capsys):
+def test_train_epoch_counts_and_reports_skipped_updates(loss_scale, capsys, metrics):
     run = tiny_run()
     recipe = SkippingRecipe(run.model, skip={2, 3, 6}, loss_scale=loss_scale)
     progress = training.Progress(epoch=4, skipped=5)  # 5 skipped in earlier epochs
-    training.train_epoch(run, recipe, progress, SimpleNamespace(requested=False))
+    training.train_epoch(run, recipe, progress, SimpleNamespace(requested=False), metrics)
     out = capsys.readouterr().out
     skips = [line for line in out.splitlines() if line.startswith('| gradients are not finite')]
     if loss_scale is None:
@@ -79,10 +86,10 @@ def test_train_epoch_counts_and_reports_skipped_updates(loss_scale, capsys):
     assert (progress.next_batch, progress.epoch) == (6, 4)
 
 
-def test_train_epoch_without_skips_counts_none(capsys):
+def test_train_epoch_without_skips_counts_none(capsys, metrics):
     run = tiny_run()
     progress = training.Progress()
-    training.train_epoch(run, SkippingRecipe(run.model, skip=()), progress, SimpleNamespace(requested=False))
+    training.train_epoch(run, SkippingRecipe(run.model, skip=()), progress, SimpleNamespace(requested=False), metrics)
     out = capsys.readouterr().out
     assert 'not finite' not in out
     assert progress.skipped == 0 and periodic_skips(out) == [0, 0, 0]
@@ -93,12 +100,13 @@ def progress_lines(out):
     return [re.sub(r'(ms/batch|tok/s|eta) +[\d.]+s?', r'\1 _', line) for line in out.splitlines() if line.startswith('| epoch')]
 
 
-def test_train_epoch_stops_when_asked_and_continues_with_the_same_lines(capsys):
+def test_train_epoch_stops_when_asked_and_continues_with_the_same_lines(capsys, metrics):
     """A stop request ends the epoch after the current batch; train_epoch with the same progress
     continues from the next batch, carrying on the hidden state, the skip count and the progress
     line being summed: it prints the lines of an uninterrupted epoch, skipped counts included."""
     run = tiny_run(log_interval=4)
-    training.train_epoch(run, SkippingRecipe(run.model, skip={1, 3}), training.Progress(), SimpleNamespace(requested=False))
+    training.train_epoch(run, SkippingRecipe(run.model, skip={1, 3}), training.Progress(),
+                         SimpleNamespace(requested=False), metrics)
     uninterrupted = progress_lines(capsys.readouterr().out)
     assert len(uninterrupted) == 1 and uninterrupted[0].endswith('| skipped 2'), uninterrupted
 
@@ -117,12 +125,12 @@ def test_train_epoch_stops_when_asked_and_continues_with_the_same_lines(capsys):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(training, 'train_batch', train_batch)
-        training.train_epoch(run, recipe, progress, stop)
+        training.train_epoch(run, recipe, progress, stop, metrics)
         assert progress.next_batch == 2 and progress.hidden is not None and progress.skipped == 1
         assert (progress.line_start, progress.line_tokens) == (0, 2 * 2 * 3) and progress.line_loss > 0
         assert not progress_lines(capsys.readouterr().out)  # the line spanning the stop is printed once, after it
         stop.requested = False
-        training.train_epoch(run, recipe, progress, stop)
+        training.train_epoch(run, recipe, progress, stop, metrics)
     assert progress.next_batch == 6 and progress.skipped == 2
     assert progress_lines(capsys.readouterr().out) == uninterrupted
     assert len(calls) == 6

@@ -1,4 +1,5 @@
 """--model Transformer: its flags, every precision recipe end to end with generate.py, and --resume."""
+import dataclasses
 import os
 import re
 import signal
@@ -134,8 +135,7 @@ def test_resume_continues_a_transformer_run_exactly(corpus_dir, tmp_path, call_s
 
 def test_transformer_progress_never_holds_a_hidden_state():
     """check_progress: a Transformer run (initial hidden None) resumes mid-epoch with hidden None, never a tensor."""
-    progress = dict(epoch=1, next_batch=5, hidden=None, best_val_loss=None, skipped=0, epoch_skipped=0,
-                    line_start=5, line_loss=0.0, line_tokens=0, line_seconds=0.0)
+    progress = dataclasses.asdict(training.Progress(next_batch=5, line_start=5))
     checkpoint.check_progress(progress, nbatches=38, initial_hidden=None)
     progress['hidden'] = torch.zeros(2, 8, 16)
     with pytest.raises(ValueError, match='its progress field hidden is a torch.float32 tensor'):

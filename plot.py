@@ -1,0 +1,112 @@
+"""Draw the curves of training runs from their SAVE.metrics.jsonl files, one line per run:
+
+    python3 plot.py fp32.pt.metrics.jsonl fp16.pt.metrics.jsonl --out curves.png
+
+Three panels: train and valid perplexity against wall-clock minutes (which recipe gets
+there first), the same against epochs (does it get as far per update), and the loss scale
+against steps for the recipes that scale the loss. Needs matplotlib
+(pip install -r requirements-plot.txt).
+"""
+import argparse
+import json
+import os
+import sys
+
+import checkpoint
+import cli
+from data import DataError
+
+
+def read_run(path):
+    """The records of one metrics file, checked: a run record first, then train, epoch and end records."""
+    records = []
+    with open(path, encoding='utf-8') as f:
+        for number, line in enumerate(f, 1):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                raise DataError(f'{path} line {number} is not a JSON record; is it a SAVE.metrics.jsonl file?') from None
+            if not isinstance(record, dict) or record.get('kind') not in ('run', 'train', 'epoch', 'end'):
+                raise DataError(f'{path} line {number} is not a record that training writes.')
+            records.append(record)
+    if not records or records[0]['kind'] != 'run':
+        raise DataError(f'{path} does not start with a run record; is it a SAVE.metrics.jsonl file?')
+    return records
+
+
+def label(records):
+    """The recipe, with its loss scale where it has a fixed one: 'fp16-manual, scale 128'."""
+    run = records[0]
+    if run['recipe'] in ('fp16-manual', 'fp16-optimizer-static'):
+        return f"{run['recipe']}, scale {run['flags']['static_loss_scale']:g}"
+    return run['recipe']
+
+
+def draw(runs, out):
+    """runs: (label, records) pairs; a PNG with the three panels to out."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
+    plain = FuncFormatter(lambda value, _: f'{value:g}')  # 200, not 2 x 10^2
+    figure = Figure(figsize=(16, 4.8), layout='constrained')
+    by_time, by_epoch, scales = figure.subplots(1, 3)
+    scaled = False
+    for color, (name, records) in zip(color_cycle(), runs):
+        per_epoch = records[0]['batches_per_epoch']
+        train = [r for r in records if r['kind'] == 'train']
+        valid = [r for r in records if r['kind'] == 'epoch']
+        for ax, x_train, x_valid in (
+                (by_time, [r['elapsed'] / 60 for r in train], [r['elapsed'] / 60 for r in valid]),
+                (by_epoch, [r['epoch'] - 1 + r['batch'] / per_epoch for r in train], [r['epoch'] for r in valid])):
+            ax.plot(x_train, [r['ppl'] for r in train], color=color, alpha=0.6, linewidth=1)
+            ax.plot(x_valid, [r['valid_ppl'] for r in valid], 'o-', color=color, linewidth=2, label=name)
+        steps = [(r['step'], r['loss_scale']) for r in train if r['loss_scale'] is not None]
+        if steps:
+            scaled = True
+            scales.step(*zip(*steps), where='post', color=color, label=name)
+    for ax, xlabel in ((by_time, 'wall-clock minutes'), (by_epoch, 'epochs')):
+        ax.set(xlabel=xlabel, ylabel='perplexity (thin: train, dots: valid)', yscale='log')
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
+        ax.grid(True, which='both', alpha=0.3)
+        ax.legend(fontsize='small')
+    by_time.set_title('perplexity against time')
+    by_epoch.set_title('perplexity against epochs')
+    scales.set(title='loss scale', xlabel='step (batches trained)', yscale='log', ylabel='loss scale')
+    if scaled:
+        scales.set_yscale('log', base=2)
+        scales.grid(True, alpha=0.3)
+        scales.legend(fontsize='small')
+    else:
+        scales.text(0.5, 0.5, 'no run scales its loss', ha='center', va='center', transform=scales.transAxes)
+    devices = sorted({records[0]['device'] for _, records in runs})
+    figure.suptitle('; '.join(devices), fontsize='small')
+    with checkpoint.atomic_write(out) as f:
+        figure.savefig(f, format='png', dpi=110)
+
+
+def color_cycle():
+    from matplotlib import rcParams
+    return rcParams['axes.prop_cycle'].by_key()['color'] * 4
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('metrics', nargs='+', help='SAVE.metrics.jsonl files, one per run')
+    p.add_argument('--out', default='curves.png', help='the PNG to write (default curves.png)')
+    args = p.parse_args(argv)
+    cli.require_matplotlib('plot.py')
+    for path in args.metrics:
+        if not os.path.isfile(path):
+            raise cli.UsageError(f'{path}: no such file.')
+    cli.check_output_file('--out', args.out, [('a metrics file', path) for path in args.metrics])
+    runs = [(label(records), records) for records in map(read_run, args.metrics)]
+    names = [name for name, _ in runs]
+    runs = [(f'{name} ({os.path.basename(path)})' if names.count(name) > 1 else name, records)
+            for (name, records), path in zip(runs, args.metrics)]
+    draw(runs, args.out)
+    print(f'| wrote {args.out}: {len(runs)} run(s)')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(cli.run(main))
