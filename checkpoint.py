@@ -375,19 +375,23 @@ def flag_name(dest):
     return '--' + (dest if dest == 'batch_size' else dest.replace('_', '-'))
 
 
-def save_resume(path, model, dictionary, args, recipe, progress):
-    """SAVE.resume: the best-model fields, plus the recipe's state, the loop's progress and the RNGs."""
+def rng_state(device):
+    """This process's random number generator states: the CPU's, and its CUDA device's (or None)."""
+    return {'cpu': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state(device) if device.type == 'cuda' else None}
+
+
+def save_resume(path, model, dictionary, args, recipe, progress, rng_states):
+    """SAVE.resume: the best-model fields, plus the recipe's state, the loop's progress and the RNGs
+    (rng_states: rng_state() of each process, one under torchrun's every rank)."""
     ckpt = model_checkpoint(model, dictionary, args, progress['best_val_loss'])
-    on_cuda = next(model.parameters()).device.type == 'cuda'
-    ckpt['resume'] = {
-        'progress': progress, 'recipe': recipe.name, 'recipe_state': recipe.state_dict(),
-        'rng': torch.get_rng_state(), 'cuda_rng': torch.cuda.get_rng_state_all() if on_cuda else [],
-    }
+    ckpt['resume'] = {'progress': progress, 'recipe': recipe.name, 'recipe_state': recipe.state_dict(),
+                      'rng': rng_states}
     save(ckpt, path)
 
 
-def load_resume(path, model, dictionary, args, recipe, progress_fields, nbatches):
-    """Restore the model, the recipe and the RNGs from SAVE.resume; returns the loop's progress.
+def load_resume(path, model, dictionary, args, recipe, progress_fields, nbatches, rank=0, world_size=1):
+    """Restore the model, the recipe and the RNGs (rank's, of world_size processes) from SAVE.resume;
+    returns the loop's progress.
 
     Every field is checked before anything is restored: the flags against the saved ones, the
     progress (progress_fields, its keys) against the nbatches batches of an epoch and the model.
@@ -415,14 +419,18 @@ def load_resume(path, model, dictionary, args, recipe, progress_fields, nbatches
             raise CannotResume(f'cannot resume from {path}: ' + '; '.join(differences) + rule + '.')
         progress = dict(state['progress'])
         check_progress(progress, nbatches, model.init_hidden(args.batch_size))
-        if not (isinstance(state['rng'], torch.Tensor) and isinstance(state['cuda_rng'], list)):
+        rngs = state['rng']
+        if not (isinstance(rngs, list) and all(isinstance(r, dict) and isinstance(r['cpu'], torch.Tensor) for r in rngs)):
             raise ValueError('the saved random number generator states are not tensors')
+        if len(rngs) != world_size:
+            raise CannotResume(f'cannot resume from {path}: it was saved by {len(rngs)} process(es) and this run has '
+                               f'{world_size} (each continues its own random numbers); resume with {len(rngs)}.')
+        device = next(model.parameters()).device
         model.load_state_dict(ckpt['model'])
         recipe.load_state_dict(state['recipe_state'])
-        torch.set_rng_state(state['rng'])
-        if state['cuda_rng']:
-            torch.cuda.set_rng_state_all(state['cuda_rng'])
-        device = next(model.parameters()).device
+        torch.set_rng_state(rngs[rank]['cpu'])
+        if device.type == 'cuda' and rngs[rank]['cuda'] is not None:
+            torch.cuda.set_rng_state(rngs[rank]['cuda'], device)
         hidden = progress['hidden']
         if hidden is not None:
             progress['hidden'] = tuple(h.to(device) for h in hidden) if isinstance(hidden, tuple) else hidden.to(device)

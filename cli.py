@@ -13,6 +13,7 @@ import torch
 
 import checkpoint
 import data
+import distributed
 import onnx_export
 import recipes
 from model import MODEL_TYPES, TransformerModel
@@ -36,7 +37,8 @@ def run(main, argv=None, prog=None):
         return call_main(main, argv, prog)
     except (UsageError, checkpoint.CannotResume, checkpoint.SaveInUse) as e:
         return report_error(e, 2, prog)
-    except (data.DataError, checkpoint.CheckpointError, checkpoint.WriteError, recipes.TrainingDiverged) as e:
+    except (data.DataError, checkpoint.CheckpointError, checkpoint.WriteError, recipes.TrainingDiverged,
+            distributed.DistributedError) as e:
         return report_error(e, 1, prog)
     finally:
         restore()
@@ -226,16 +228,18 @@ def add_device_flags(parser):
                         help='use the accelerator torch.accelerator finds (CUDA, MPS, XPU, ...)')
 
 
-def select_device(args):
-    """The device the flags ask for; asking for one that is missing is an error."""
+def select_device(args, world=None):
+    """The device the flags ask for (under torchrun, the GPU of world's local rank); asking for one
+    that is missing is an error."""
     if args.cuda:
         if not torch.cuda.is_available():
             raise UsageError('--cuda was given but no CUDA device is available.')
-        return torch.device('cuda')
+        return torch.device('cuda', world.local_rank) if world and world.size > 1 else torch.device('cuda')
     if args.accel:
         if not torch.accelerator.is_available():
             raise UsageError('--accel was given but torch.accelerator finds no accelerator (CUDA, MPS, XPU, ...).')
-        return torch.accelerator.current_accelerator()
+        device = torch.accelerator.current_accelerator()
+        return torch.device(device.type, world.local_rank) if world and world.size > 1 else device
     if torch.cuda.is_available():
         print('WARNING: You have a CUDA device, so you should probably run with --cuda')
     return torch.device('cpu')
@@ -304,6 +308,12 @@ def call_main(main, argv, prog):
     try:
         return main(argv) or 0
     except BaseException as e:
+        # Under torchrun, a rank that died shows in the others as an error of the collective (perhaps in a
+        # backward pass), and torchrun's SIGTERM may land while that error unwinds: the lost contact is the news.
+        lost = next((x for x in checkpoint.exception_chain(e) if distributed.is_lost_contact(x)), None)
+        if lost is not None:
+            return report_error(lost if isinstance(lost, distributed.DistributedError)
+                                else distributed.lost_contact(lost), 1, prog)
         stopped = signal_exit_in(e)
         if stopped is None:
             raise

@@ -53,6 +53,9 @@ class MetricsFile:
         self.path = path
         self.started = time.time() - elapsed
         self.note = None
+        self.file = None  # with path None (torchrun's ranks but 0) nothing is written
+        if path is None:
+            return
         if resume_bytes is not None and os.path.isfile(path) and os.path.getsize(path) >= resume_bytes:
             with open(path, 'r+b') as f:
                 f.truncate(resume_bytes)
@@ -65,22 +68,25 @@ class MetricsFile:
         return self
 
     def __exit__(self, *exc):
-        self.file.close()
+        if self.file:
+            self.file.close()
 
     def elapsed(self):
         return time.time() - self.started
 
     def write(self, kind, **fields):
+        if self.file is None:
+            return
         self.file.write(json.dumps({'kind': kind, **fields, 'elapsed': round(self.elapsed(), 3)}) + '\n')
         self.file.flush()
 
     def size(self):
         """Bytes written so far: what SAVE.resume records."""
-        return self.file.tell()
+        return self.file.tell() if self.file else 0
 
 
-def run_record(args, recipe, device, progress, nbatches):
-    """The fields of a run's first record (and of a resumed run's first)."""
+def run_record(args, recipe, device, progress, nbatches, processes):
+    """The fields of a run's first record (and of a resumed run's first); processes: torchrun's ranks, or 1."""
     return dict(script=os.path.basename(sys.argv[0]), flags=vars(args), recipe=recipe.name,
-                precision=recipe.describe(), torch=torch.__version__, device=device_name(device),
+                precision=recipe.describe(), torch=torch.__version__, device=device_name(device), processes=processes,
                 batches_per_epoch=nbatches, epoch=progress.epoch, batch=progress.next_batch, resumed=bool(args.resume))

@@ -19,6 +19,8 @@ from data import DataError
 
 def read_run(path):
     """The records of one metrics file, checked: a run record first, then train, epoch and end records."""
+    if not os.path.isfile(path):
+        raise cli.UsageError(f'{path}: no such file.')
     records = []
     with open(path, encoding='utf-8') as f:
         for number, line in enumerate(f, 1):
@@ -95,11 +97,8 @@ def main(argv=None):
     p.add_argument('--out', default='curves.png', help='the PNG to write (default curves.png)')
     args = p.parse_args(argv)
     cli.require_matplotlib('plot.py')
-    for path in args.metrics:
-        if not os.path.isfile(path):
-            raise cli.UsageError(f'{path}: no such file.')
     cli.check_output_file('--out', args.out, [('a metrics file', path) for path in args.metrics])
-    runs = [(label(records), records) for records in map(read_run, args.metrics)]
+    runs = [(label(records), records) for records in map(read_run, args.metrics)]  # all read before drawing
     names = [name for name, _ in runs]
     runs = [(f'{name} ({os.path.basename(path)})' if names.count(name) > 1 else name, records)
             for (name, records), path in zip(runs, args.metrics)]

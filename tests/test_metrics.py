@@ -15,8 +15,8 @@ from test_robustness import SMALL
 
 TIMINGS = {'elapsed', 'ms_per_batch', 'tokens_per_s', 'epoch_seconds'}  # differ from run to run
 FIELDS = {
-    'run': {'kind', 'script', 'flags', 'recipe', 'precision', 'torch', 'device', 'batches_per_epoch', 'epoch',
-            'batch', 'resumed', 'elapsed'},
+    'run': {'kind', 'script', 'flags', 'recipe', 'precision', 'torch', 'device', 'processes', 'batches_per_epoch',
+            'epoch', 'batch', 'resumed', 'elapsed'},
     'train': {'kind', 'epoch', 'batch', 'step', 'lr', 'loss', 'ppl', 'ms_per_batch', 'tokens_per_s', 'loss_scale',
               'skipped', 'elapsed'},
     'epoch': {'kind', 'epoch', 'valid_loss', 'valid_ppl', 'epoch_seconds', 'best', 'lr', 'skipped', 'elapsed'},
@@ -185,3 +185,16 @@ def test_plot_without_matplotlib_says_what_to_install(two_runs, call_script, mon
     assert proc.returncode == 2, describe(proc)
     assert proc.stderr == ('plot.py: error: plot.py needs matplotlib, which is not installed: '
                            'pip install -r requirements-plot.txt\n')
+
+
+def test_metrics_table_has_a_row_per_finished_run(two_runs, capsys):
+    from benchmarks import metrics_table
+    files = [str(two_runs / name) for name in ('fp32.pt.metrics.jsonl', 'dyn.pt.metrics.jsonl')]
+    assert metrics_table.main(files) == 0
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert [r.split(' | ')[0] for r in rows] == ['| fp32', '| fp16-optimizer-dynamic']
+    for row, path in zip(rows, files):
+        recs = [json.loads(line) for line in open(path)]
+        end = recs[-1]
+        cells = row.strip('| ').split(' | ')
+        assert cells[1] == '2' and cells[3] == f"{end['test_ppl']:.2f}" and cells[6] == str(end['skipped'])

@@ -11,6 +11,7 @@ import torch
 
 import checkpoint
 import data
+import distributed
 import recipes
 import training
 from metrics import MetricsFile
@@ -50,7 +51,8 @@ def tiny_run(nbatches=6, log_interval=2):
     stream = torch.randint(NTOKEN, (2 * (3 * nbatches + 1),))
     train_data = data.batchify(stream, 2)
     model = RNNModel('LSTM', NTOKEN, 8, 8, 1, dropout=0.0)
-    run = SimpleNamespace(args=args, model=model, train_data=train_data, device=torch.device('cpu'),
+    run = SimpleNamespace(args=args, model=model, parallel_model=model, world=distributed.World(),
+                          train_data=train_data, device=torch.device('cpu'),
                           batch_starts=range(0, train_data.size(0) - 1, args.bptt))
     assert len(run.batch_starts) == nbatches
     return run
@@ -89,7 +91,8 @@ def test_train_epoch_counts_and_reports_skipped_updates(loss_scale, capsys, metr
 def test_train_epoch_without_skips_counts_none(capsys, metrics):
     run = tiny_run()
     progress = training.Progress()
-    training.train_epoch(run, SkippingRecipe(run.model, skip=()), progress, SimpleNamespace(requested=False), metrics)
+    training.train_epoch(run, SkippingRecipe(run.model, skip=()), progress, SimpleNamespace(requested=False),
+                         metrics)
     out = capsys.readouterr().out
     assert 'not finite' not in out
     assert progress.skipped == 0 and periodic_skips(out) == [0, 0, 0]
@@ -154,7 +157,8 @@ def test_save_resume_round_trip(tmp_path):
     progress = training.Progress(epoch=3, next_batch=4, hidden=hidden, best_val_loss=2.5, skipped=7, epoch_skipped=2,
                                  line_start=2, line_loss=9.25, line_tokens=12, line_seconds=0.5)
     path = str(tmp_path / 'model.pt.resume')
-    checkpoint.save_resume(path, model, dictionary, args, recipe, dataclasses.asdict(progress))
+    checkpoint.save_resume(path, model, dictionary, args, recipe, dataclasses.asdict(progress),
+                           [checkpoint.rng_state(torch.device('cpu'))])
     rng_after_save = torch.get_rng_state()
     expected_draw = torch.rand(3)
 

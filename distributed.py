@@ -1,0 +1,174 @@
+"""Data-parallel training under torchrun. Plumbing: training.py reads the same with one process or many.
+
+    torchrun --nproc_per_node 2 main.py --cuda --fp16 ...
+
+torchrun starts one process (a *rank*) per GPU (or several on a CPU) and tells each its rank
+through the environment. Each rank trains its share of the --batch_size columns:
+
+    the batchified training text, --batch_size 4, 2 ranks:
+
+        a g m s          rank 0: a g      rank 1: m s
+        b h n t    -->           b h              n t
+        c i o u                  c i              o u
+        ...                      ...              ...
+
+Each keeps the hidden state of its own columns. Each rank's loss is its share of the mean over
+all columns (its own mean / ranks), and DistributedDataParallel sums the gradients of all ranks
+during backward, so every rank holds the gradients of one process training all the columns and
+makes the same update (the same overflow decision, the same loss scale).
+
+Without torchrun World is rank 0 of 1: nothing is wrapped, nothing is sent.
+"""
+import datetime
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+# A rank that waits longer than this for the others (one died, or hangs) gives up with an error.
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
+
+
+class DistributedError(Exception):
+    """Contact with another rank was lost: it stopped, died or hangs."""
+
+
+class World:
+    """This process's place among the ranks, and what they exchange."""
+
+    def __init__(self):
+        self.rank = int(os.environ.get('RANK', 0))
+        self.size = int(os.environ.get('WORLD_SIZE', 1))
+        self.local_rank = int(os.environ.get('LOCAL_RANK', 0))
+        self.cpu_group = None  # the group that exchanges CPU objects (RNG states, stop requests)
+
+    @property
+    def is_main(self):
+        """Rank 0 prints, and writes --save, SAVE.resume and SAVE.metrics.jsonl."""
+        return self.rank == 0
+
+    def start(self, device):
+        """Join the other ranks: NCCL between GPUs, gloo on the CPU. The other ranks print nothing."""
+        if self.size == 1:
+            return
+        if device.type == 'cuda':
+            torch.cuda.set_device(device)
+            dist.init_process_group('nccl', timeout=COLLECTIVE_TIMEOUT, device_id=device)
+            self.cpu_group = dist.new_group(backend='gloo', timeout=COLLECTIVE_TIMEOUT)
+        else:
+            dist.init_process_group('gloo', timeout=COLLECTIVE_TIMEOUT)
+        if not self.is_main:
+            sys.stdout = open(os.devnull, 'w')
+
+    def close(self):
+        """Leave together: a rank that tears its connections down while others still use them can crash."""
+        if self.size > 1 and dist.is_initialized():
+            self.barrier()
+            dist.destroy_process_group()
+
+    def columns(self, batch_size):
+        """This rank's share of the batch columns (batch_size a multiple of the ranks)."""
+        share = batch_size // self.size
+        return slice(self.rank * share, (self.rank + 1) * share)
+
+    def wrap(self, model):
+        """The model to train through: under torchrun, DistributedDataParallel around it, summing the
+        ranks' gradients (training.train_batch gives each rank its share of the loss: mean / ranks)."""
+        if self.size == 1:
+            return model
+        device = next(model.parameters()).device
+        parallel = DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None)
+        parallel.register_comm_hook(None, sum_gradients)
+        return parallel
+
+    def mean(self, tensor):
+        """The mean of tensor over the ranks (tensor itself with one rank)."""
+        if self.size == 1:
+            return tensor
+        tensor = tensor.clone()
+        self._collective(dist.all_reduce, tensor)
+        return tensor / self.size
+
+    def any(self, flag):
+        """Whether flag is true on any rank: all ranks stop after the same batch."""
+        if self.size == 1:
+            return flag
+        t = torch.tensor([int(flag)])
+        self._collective(dist.all_reduce, t, op=dist.ReduceOp.MAX, group=self.cpu_group)
+        return bool(t)
+
+    def from_main(self, value):
+        """Rank 0's value (a float, or any picklable object) on every rank, so that all decide alike."""
+        if self.size == 1:
+            return value
+        box = [value]
+        self._collective(dist.broadcast_object_list, box, src=0, group=self.cpu_group)
+        return box[0]
+
+    def gather(self, value):
+        """Every rank's value (picklable, on the CPU), in rank order."""
+        if self.size == 1:
+            return [value]
+        values = [None] * self.size
+        self._collective(dist.all_gather_object, values, value, group=self.cpu_group)
+        return values
+
+    def gather_columns(self, hidden):
+        """The RNN state of all the columns (None, a tensor or a tuple, batch in dim 1) from each rank's share."""
+        if self.size == 1 or hidden is None:
+            return hidden
+        if isinstance(hidden, tuple):
+            return tuple(self.gather_columns(h) for h in hidden)
+        shares = [torch.empty_like(hidden) for _ in range(self.size)]
+        self._collective(dist.all_gather, shares, hidden.contiguous())
+        return torch.cat(shares, dim=1)
+
+    def my_columns(self, hidden, batch_size):
+        """This rank's share of a state that holds all the columns."""
+        if self.size == 1 or hidden is None:
+            return hidden
+        if isinstance(hidden, tuple):
+            return tuple(self.my_columns(h, batch_size) for h in hidden)
+        return hidden[:, self.columns(batch_size)].contiguous()
+
+    def barrier(self):
+        if self.size > 1:
+            self._collective(dist.barrier, group=self.cpu_group)
+
+    def _collective(self, function, *args, **kwargs):
+        try:
+            function(*args, **kwargs)
+        except RuntimeError as e:  # torch.distributed's errors (DistError) are RuntimeErrors
+            raise lost_contact(e) from None
+
+
+def sum_gradients(state, bucket):
+    """DDP's gradient exchange, summing where DDP would average. Each rank's loss is its share of
+    the mean over all columns, so each rank's gradients (of activations too) are as large as one
+    process's: an fp16 recipe overflows, and skips, exactly where one process would."""
+    exchange = dist.all_reduce(bucket.buffer(), async_op=True)
+    return exchange.get_future().then(lambda done: done.value()[0])
+
+
+# What gloo and NCCL say, inside a backward pass's RuntimeError, when a rank is gone.
+LOST_CONTACT_SIGNS = ('Connection closed by peer', 'Connection reset by peer', 'Broken pipe', 'NCCL', 'timed out',
+                      'Timed out')
+
+
+def is_lost_contact(error):
+    """Whether error, raised under torchrun, says that another rank is gone."""
+    if isinstance(error, DistributedError):
+        return True
+    return World().size > 1 and (isinstance(error, dist.DistError) or isinstance(error, RuntimeError)
+                                 and any(sign in str(error) for sign in LOST_CONTACT_SIGNS))
+
+
+def lost_contact(error):
+    """The one sentence for error: what the backend saw, in its own words where they are short."""
+    text = str(error).strip()
+    seen = next((sign for sign in LOST_CONTACT_SIGNS if sign in text), None)
+    seen = seen or (text.splitlines()[0][:120] if text else type(error).__name__)
+    return DistributedError(f'rank {World().rank} lost contact with the other ranks ({seen}); '
+                            'one of them stopped or died, and its own output says why.')
