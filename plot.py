@@ -27,7 +27,8 @@ def read_run(path):
             try:
                 record = json.loads(line)
             except ValueError:
-                raise DataError(f'{path} line {number} is not a JSON record; is it a SAVE.metrics.jsonl file?') from None
+                raise DataError(f'{path} line {number} is not a JSON record; '
+                                'is it a SAVE.metrics.jsonl file?') from None
             if not isinstance(record, dict) or record.get('kind') not in ('run', 'train', 'epoch', 'end'):
                 raise DataError(f'{path} line {number} is not a record that training writes.')
             records.append(record)
@@ -52,7 +53,7 @@ def draw(runs, out):
     figure = Figure(figsize=(16, 4.8), layout='constrained')
     by_time, by_epoch, scales = figure.subplots(1, 3)
     scaled = False
-    for color, (name, records) in zip(color_cycle(), runs):
+    for n, (color, (name, records)) in enumerate(zip(color_cycle(), runs)):
         per_epoch = records[0]['batches_per_epoch']
         train = [r for r in records if r['kind'] == 'train']
         valid = [r for r in records if r['kind'] == 'epoch']
@@ -64,7 +65,8 @@ def draw(runs, out):
         steps = [(r['step'], r['loss_scale']) for r in train if r['loss_scale'] is not None]
         if steps:
             scaled = True
-            scales.step(*zip(*steps), where='post', color=color, label=name)
+            # Dashes tell apart runs whose scales coincide (GradScaler and FP16_Optimizer's dynamic scale).
+            scales.step(*zip(*steps), where='post', color=color, label=name, linestyle=('-', '--', ':', '-.')[n % 4])
     for ax, xlabel in ((by_time, 'wall-clock minutes'), (by_epoch, 'epochs')):
         ax.set(xlabel=xlabel, ylabel='perplexity (thin: train, dots: valid)', yscale='log')
         ax.yaxis.set_major_formatter(plain)
