@@ -93,16 +93,21 @@ def training_parser(description):
 
 
 # Flags that must hold positive integers, as the user types them.
-POSITIVE_FLAGS = {'emsize': '--emsize', 'nhid': '--nhid', 'nlayers': '--nlayers', 'epochs': '--epochs',
-                  'batch_size': '--batch_size', 'bptt': '--bptt', 'log_interval': '--log-interval', 'nhead': '--nhead'}
+POSITIVE_FLAGS = ('--emsize', '--nhid', '--nlayers', '--epochs', '--batch_size', '--bptt', '--log-interval', '--nhead')
+
+
+def check_at_least_1(args, flags):
+    """Each of flags (as typed: '--log-interval') must be 1 or more in args, unless it was left unset (None)."""
+    for flag in flags:
+        value = getattr(args, flag.lstrip('-').replace('-', '_'))
+        if value is not None and value < 1:
+            raise UsageError(f'{flag} must be at least 1 (got {value}).')
 
 
 
 def check_training_args(args):
     """Reject bad flag values and unusable paths before anything is loaded or trained; settle the loss scale."""
-    for name, flag in POSITIVE_FLAGS.items():
-        if getattr(args, name) < 1:
-            raise UsageError(f'{flag} must be at least 1 (got {getattr(args, name)}).')
+    check_at_least_1(args, POSITIVE_FLAGS)
     if not 0 <= args.dropout < 1:
         raise UsageError(f'--dropout must be in [0, 1) (got {args.dropout:g}).')
     for flag, value in (('--lr', args.lr), ('--clip', args.clip), ('--static-loss-scale', args.static_loss_scale)):

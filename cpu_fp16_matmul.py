@@ -38,9 +38,14 @@ def cpu_has_native_fp16(cpuinfo=None):
     return bool(flags & NATIVE_FP16_FLAGS)
 
 
+def fp16_is_emulated(device):
+    """Whether fp16 products on device would run in PyTorch's slow generic loop (a CPU without fp16 arithmetic)."""
+    return device.type == 'cpu' and cpu_has_native_fp16() is False
+
+
 def prepare(args, device):
     """At start-up: --fp16 or --amp on a CPU without fp16 arithmetic gets fp32 products, and one line saying so."""
-    if device.type == 'cpu' and (args.fp16 or args.amp) and cpu_has_native_fp16() is False:
+    if (args.fp16 or args.amp) and fp16_is_emulated(device):
         use_fp32_products()
         flag = '--fp16' if args.fp16 else '--amp'
         print(f'Warning: this CPU has no fp16 arithmetic: {flag} runs its fp16 matrix products as fp32 products '

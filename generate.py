@@ -38,8 +38,7 @@ def parse_args(argv):
         raise cli.UsageError(f'--temperature must be a finite number of at least 1e-3 (got {args.temperature:g}).')
     if args.words < 0:
         raise cli.UsageError(f'--words must be 0 or more (got {args.words}).')
-    if args.log_interval < 1:
-        raise cli.UsageError(f'--log-interval must be at least 1 (got {args.log_interval}).')
+    cli.check_at_least_1(args, ('--log-interval',))
     if not 1 <= args.context <= TransformerModel.MAX_LEN:
         raise cli.UsageError(f'--context must be between 1 and {TransformerModel.MAX_LEN} (got {args.context}).')
     cli.check_seed(args.seed)

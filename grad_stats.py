@@ -70,9 +70,7 @@ def parse_args(argv):
                    help='draw the histogram of log2|g| with fp16\'s limits here (needs requirements-plot.txt)')
     cli.add_device_flags(p)
     args = p.parse_args(argv)
-    for flag, value in (('--batches', args.batches), ('--batch_size', args.batch_size), ('--bptt', args.bptt)):
-        if value is not None and value < 1:
-            raise cli.UsageError(f'{flag} must be at least 1 (got {value}).')
+    cli.check_at_least_1(args, ('--batches', '--batch_size', '--bptt'))
     args.scales = parse_scales(args.scales)
     cli.check_seed(args.seed)
     if not os.path.isfile(args.checkpoint):

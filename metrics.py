@@ -50,7 +50,6 @@ class MetricsFile:
     its clock goes on from elapsed."""
 
     def __init__(self, path, resume_bytes=None, elapsed=0.0):
-        self.path = path
         self.started = time.time() - elapsed
         self.note = None
         self.file = None  # with path None (torchrun's ranks but 0) nothing is written

@@ -20,9 +20,9 @@ import cpu_fp16_matmul
 import data
 import distributed
 import onnx_export
-from metrics import MetricsFile, run_record
 from chunked_cross_entropy import chunked_cross_entropy
 from cli import StopRequest, UsageError, check_model_size, select_device, uses_default_data
+from metrics import MetricsFile, run_record
 from model import build_model, repackage_hidden
 from recipes import TrainingDiverged
 

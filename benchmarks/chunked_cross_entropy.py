@@ -95,9 +95,8 @@ def main(argv=None):
     p.add_argument('--warmup', type=int, default=2, help='untimed steps of each variant before its timed ones')
     p.add_argument('--threads', type=int, default=None, help="torch's intra-op threads (default: torch's choice)")
     args = p.parse_args(argv)
-    for flag in ('emsize', 'nhid', 'batch_size', 'bptt', 'ntokens', 'rounds', 'steps', 'threads'):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise cli.UsageError(f'--{flag} must be at least 1 (got {getattr(args, flag)}).')
+    cli.check_at_least_1(args, ('--emsize', '--nhid', '--batch_size', '--bptt', '--ntokens', '--rounds', '--steps',
+                                '--threads'))
     if args.warmup < 0:
         raise cli.UsageError(f'--warmup must not be negative (got {args.warmup}).')
     args.dropout, args.lr, args.clip, args.seed = 0.65, 20.0, 0.25, 1111  # as benchmarks.recipes

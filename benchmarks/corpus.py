@@ -82,8 +82,7 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if not os.path.isdir(args.data):
         raise cli.UsageError(f'--data {args.data}: no such directory.')
-    if args.repeats < 1:
-        raise cli.UsageError(f'--repeats must be at least 1 (got {args.repeats}).')
+    cli.check_at_least_1(args, ('--repeats',))
     if args.scale < 0:
         raise cli.UsageError(f'--scale must not be negative (got {args.scale}).')
     return args

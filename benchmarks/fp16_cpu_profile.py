@@ -55,9 +55,7 @@ def main(argv=None):
     p.add_argument('--rows', type=int, default=8, help='operators shown per table')
     p.add_argument('--seed', type=int, default=1111)
     args = p.parse_args(argv)
-    for name in ('nhid', 'ntokens', 'batch_size', 'bptt', 'rows'):
-        if getattr(args, name) < 1:
-            raise cli.UsageError(f'--{name} must be at least 1 (got {getattr(args, name)}).')
+    cli.check_at_least_1(args, ('--nhid', '--ntokens', '--batch_size', '--bptt', '--rows'))
     torch.set_num_threads(1)
     print(f'| {cpu_model()} | torch {torch.__version__} | 1 thread | LSTM {args.nhid} x 2 layers, vocabulary '
           f'{args.ntokens}, batch {args.batch_size}, bptt {args.bptt}')

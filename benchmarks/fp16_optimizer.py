@@ -63,9 +63,7 @@ def main(argv=None):
     p.add_argument('--steps', type=int, default=10, help='timed updates of each kind, per round (after 3 untimed)')
     cli.add_device_flags(p)
     args = p.parse_args(argv)
-    for flag in ('emsize', 'nhid', 'ntokens', 'steps'):
-        if getattr(args, flag) < 1:
-            raise cli.UsageError(f'--{flag} must be at least 1 (got {getattr(args, flag)}).')
+    cli.check_at_least_1(args, ('--emsize', '--nhid', '--ntokens', '--steps'))
     device = cli.select_device(args)
     torch.manual_seed(0)
     model = RNNModel('LSTM', args.ntokens, args.emsize, args.nhid, 2).to(device).half()

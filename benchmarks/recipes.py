@@ -130,7 +130,7 @@ def measure(name, cfg, device, tokens):
         torch.backends.cudnn.allow_tf32 = tf32
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    elif MATH[name] == 'fp16' and cpu_fp16_matmul.cpu_has_native_fp16() is False:
+    elif MATH[name] == 'fp16' and cpu_fp16_matmul.fp16_is_emulated(device):
         cpu_fp16_matmul.use_fp32_products()  # as the scripts do on this CPU (each recipe has its own process)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, cfg.ntokens, cfg.emsize, cfg.nhid, cfg.nlayers, cfg.dropout, nhead=cfg.nhead)
@@ -243,9 +243,8 @@ def parse_args(argv):
 
 def check_args(cfg):
     """Flag values the benchmark cannot run with (cli.UsageError: one sentence, exit code 2)."""
-    for flag in ('emsize', 'nhid', 'nlayers', 'nhead', 'batch_size', 'bptt', 'ntokens', 'steps', 'rounds'):
-        if getattr(cfg, flag) < 1:
-            raise cli.UsageError(f'--{flag} must be at least 1 (got {getattr(cfg, flag)}).')
+    cli.check_at_least_1(cfg, ('--emsize', '--nhid', '--nlayers', '--nhead', '--batch_size', '--bptt', '--ntokens',
+                               '--steps', '--rounds'))
     if cfg.warmup < 0:
         raise cli.UsageError(f'--warmup must not be negative (got {cfg.warmup}).')
     if cfg.model not in MODEL_TYPES:

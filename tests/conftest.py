@@ -19,7 +19,7 @@ import cpu_fp16_matmul  # noqa: E402  (needs the path above)
 
 # fp16 products as the scripts compute them on this CPU (cpu_fp16_matmul.prepare), from the first
 # test on: in-process runs then match the scripts run as processes, whatever order tests run in.
-if cpu_fp16_matmul.cpu_has_native_fp16() is False:
+if cpu_fp16_matmul.fp16_is_emulated(torch.device('cpu')):
     cpu_fp16_matmul.use_fp32_products()
 
 
