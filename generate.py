@@ -11,9 +11,11 @@ import sys
 
 import torch
 
-import checkpoint
-import cli
 from model import TransformerModel
+from plumbing import checkpoint, cli
+from plumbing.errors import UsageError
+from plumbing.files import atomic_write
+from plumbing.signals import StopRequest
 
 
 def parse_args(argv):
@@ -35,16 +37,16 @@ def parse_args(argv):
     cli.add_device_flags(p)
     args = p.parse_args(argv)
     if not 1e-3 <= args.temperature < float('inf'):  # also rejects nan
-        raise cli.UsageError(f'--temperature must be a finite number of at least 1e-3 (got {args.temperature:g}).')
+        raise UsageError(f'--temperature must be a finite number of at least 1e-3 (got {args.temperature:g}).')
     if args.words < 0:
-        raise cli.UsageError(f'--words must be 0 or more (got {args.words}).')
+        raise UsageError(f'--words must be 0 or more (got {args.words}).')
     cli.check_at_least_1(args, ('--log-interval',))
     if not 1 <= args.context <= TransformerModel.MAX_LEN:
-        raise cli.UsageError(f'--context must be between 1 and {TransformerModel.MAX_LEN} (got {args.context}).')
+        raise UsageError(f'--context must be between 1 and {TransformerModel.MAX_LEN} (got {args.context}).')
     cli.check_seed(args.seed)
     cli.check_output_file('--outf', args.outf, [('--checkpoint', args.checkpoint)])
     if not os.path.isfile(args.checkpoint):
-        raise cli.UsageError(f'--checkpoint {args.checkpoint}: no such file.')
+        raise UsageError(f'--checkpoint {args.checkpoint}: no such file.')
     return args
 
 
@@ -73,8 +75,8 @@ def main(argv=None):
     else:
         words = real_words[torch.randint(len(real_words), (1,), device=device)].view(1, 1)
     # A signal stops sampling after the current word; the words sampled so far are still written.
-    with cli.StopRequest('word') as stop:
-        with checkpoint.atomic_write(args.outf, 'w', encoding='utf-8') as outf, torch.no_grad():
+    with StopRequest('word') as stop:
+        with atomic_write(args.outf, 'w', encoding='utf-8') as outf, torch.no_grad():
             if prompt:
                 outf.write(' '.join(prompt_words) + '\n')  # a line of its own: the model's words start on the next
             generated = 0
@@ -103,10 +105,10 @@ def prompt_ids(prompt_words, idx2word, padding, checkpoint_path):
     if unknown:
         quoted = ', '.join(f'"{word}"' for word in unknown)
         hint = '; <unk> stands for the words it does not know' if '<unk>' in known else ''
-        raise cli.UsageError(f"--prompt: {quoted} {'is' if len(unknown) == 1 else 'are'} not in the vocabulary "
+        raise UsageError(f"--prompt: {quoted} {'is' if len(unknown) == 1 else 'are'} not in the vocabulary "
                              f'of {checkpoint_path}{hint}.')
     return [known[word] for word in prompt_words]
 
 
 if __name__ == '__main__':
-    sys.exit(cli.run(main))
+    sys.exit(cli.guarded_main(main))

@@ -33,11 +33,12 @@ import sys
 
 import torch
 
-import checkpoint
-import cli
 import data
 import training
 from model import repackage_hidden
+from plumbing import checkpoint, cli, wikitext
+from plumbing.errors import DataError, UsageError
+from plumbing.files import atomic_write
 
 FP16_SMALLEST_SUBNORMAL = 2.0 ** -24
 FP16_SMALLEST_NORMAL = 2.0 ** -14
@@ -57,9 +58,9 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description='The share of gradients fp16 would flush to zero, keep as subnormals '
                                             'or overflow, at several loss scales, for a trained model')
     p.add_argument('--checkpoint', type=str, default='./model.pt', help='best-model checkpoint written by a training script')
-    p.add_argument('--data', type=str, default=data.DEFAULT_DATA,
+    p.add_argument('--data', type=str, default=wikitext.DEFAULT_DATA,
                    help='directory holding train.txt, valid.txt and test.txt: the corpus the model was trained on')
-    p.add_argument('--split', choices=data.SPLITS, default='train', help='which text the batches are read from')
+    p.add_argument('--split', choices=wikitext.SPLITS, default='train', help='which text the batches are read from')
     p.add_argument('--batches', type=int, default=10, help='how many batches to run, from the start of the split')
     p.add_argument('--batch_size', type=int, default=None, metavar='N',
                    help="columns of the text (default: the checkpoint's training --batch_size, else 24)")
@@ -74,12 +75,12 @@ def parse_args(argv):
     args.scales = parse_scales(args.scales)
     cli.check_seed(args.seed)
     if not os.path.isfile(args.checkpoint):
-        raise cli.UsageError(f'--checkpoint {args.checkpoint}: no such file.')
+        raise UsageError(f'--checkpoint {args.checkpoint}: no such file.')
     if not cli.uses_default_data(args.data) and not os.path.isdir(args.data):
-        raise cli.UsageError(f'--data {args.data}: no such directory.')
+        raise UsageError(f'--data {args.data}: no such directory.')
     if args.out is not None:
         cli.require_matplotlib('--out')  # checked before the minutes of work, not after them
-        data_files = [('--data', os.path.join(args.data, f'{split}.txt')) for split in data.SPLITS]
+        data_files = [('--data', os.path.join(args.data, f'{split}.txt')) for split in wikitext.SPLITS]
         cli.check_output_file('--out', args.out, [('--checkpoint', args.checkpoint), *data_files])
         # The picture shows scales 1 and PLOT_SCALE, with their shares.
         args.scales = sorted({*args.scales, 1.0, float(PLOT_SCALE)})
@@ -93,7 +94,7 @@ def parse_scales(text):
         scales = []
     # Beyond 2**64, 2**-24 / S would fall out of fp32's normal range.
     if not scales or not all(1 <= s <= 2 ** 64 for s in scales):
-        raise cli.UsageError(f'--scales must be numbers from 1 to 2**64, separated by commas (got {text!r}).')
+        raise UsageError(f'--scales must be numbers from 1 to 2**64, separated by commas (got {text!r}).')
     return sorted(set(scales))
 
 
@@ -231,7 +232,7 @@ def read_tokens(args, idx2word):
     """The --split text as ids of the checkpoint's vocabulary. A word that vocabulary lacks is an error: the model
     was trained on another corpus, and neither mapping it to <unk> nor dropping it measures the training's gradients."""
     if cli.uses_default_data(args.data):
-        data.download_wikitext2(args.data)
+        wikitext.download_wikitext2(args.data)
     corpus = data.Corpus(args.data)
     tokens = getattr(corpus, args.split)
     word2idx = {word: i for i, word in enumerate(idx2word)}
@@ -239,7 +240,7 @@ def read_tokens(args, idx2word):
     ids = to_checkpoint[tokens]
     unknown = tokens[ids < 0].unique()
     if len(unknown):
-        raise data.DataError(f"{os.path.join(args.data, args.split + '.txt')} has words that the checkpoint's "
+        raise DataError(f"{os.path.join(args.data, args.split + '.txt')} has words that the checkpoint's "
                              f"vocabulary lacks ({len(unknown)} different; the first: "
                              f'{corpus.dictionary.idx2word[unknown[0]]!r}); give the --data the model was trained on.')
     return ids
@@ -320,7 +321,7 @@ def draw(path, panels):
         ax.set_ylim(bottom=0)
         ax.legend(loc='upper left', bbox_to_anchor=(0, 0.92), fontsize=8.5, frameon=False)
     axes[-1].set_xlabel('log2 |gradient|   (shaded: flushed to 0 and overflow in red, subnormal in orange)')
-    with checkpoint.atomic_write(path) as f:
+    with atomic_write(path) as f:
         figure.savefig(f, format='png', dpi=110)
 
 
@@ -335,7 +336,7 @@ def main(argv=None):
     model, idx2word, _ = checkpoint.model_from(ckpt, args.checkpoint)
     tokens = read_tokens(args, idx2word)
     if len(tokens) // batch_size < 2:
-        raise cli.UsageError(f'--batch_size {batch_size} is too large for the {args.split} split ({len(tokens)} tokens): '
+        raise UsageError(f'--batch_size {batch_size} is too large for the {args.split} split ({len(tokens)} tokens): '
                              f'each of the {batch_size} columns needs at least 2 tokens.')
     source = data.batchify(tokens, batch_size).to(device)
     starts = range(0, source.size(0) - 1, bptt)[:args.batches]
@@ -381,4 +382,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(cli.run(main))
+    sys.exit(cli.guarded_main(main))

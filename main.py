@@ -22,31 +22,36 @@ import sys
 
 import torch
 
-import cli
 import recipes
 import training
 from fp16_utils import grad_norm, master_params_to_model_params, model_grads_to_master_grads, prep_param_lists
+from plumbing import cli
 
 
 class ManualFP16Recipe:
     """The recipe above, with the helpers apex.fp16_utils named."""
 
     name = 'fp16-manual'
-    autocast = staticmethod(contextlib.nullcontext)  # the model itself is fp16: nothing to autocast
-
     def __init__(self, model, lr, clip, loss_scale, adamw=False):
         self.model = model.half()
         self.model_params, self.master_params = prep_param_lists(model)
-        self.optimizer = recipes.optimizer(self.master_params, lr, adamw)  # it sees only the fp32 masters
+        # The optimizer sees only the fp32 masters.
+        self.optimizer = recipes.make_optimizer(self.master_params, lr, adamw)
+        self.optimizer_name = type(self.optimizer).__name__
         self.clip = clip
         self.loss_scale = loss_scale
 
     def describe(self):
         return f'fp16, manual fp32 master weights, static loss scale {self.loss_scale:g}'
 
+    def autocast(self):
+        # The model itself is fp16: nothing to autocast.
+        return contextlib.nullcontext()
+
     def step(self, loss):
         (loss * self.loss_scale).backward()
-        # The norm of the scaled fp16 grads (one host sync): inf/NaN means overflow; else it gives the clip factor.
+        # The norm of the scaled fp16 grads (one host sync): inf/NaN means overflow;
+        # else it gives the clip factor.
         norm = grad_norm(self.model_params) / self.loss_scale
         if not math.isfinite(norm):
             self.model.zero_grad(set_to_none=True)
@@ -77,13 +82,13 @@ class ManualFP16Recipe:
 def main(argv=None):
     args = cli.training_parser('PyTorch WikiText-2 RNN/LSTM language model (manual fp16 recipe)').parse_args(argv)
     cli.check_training_args(args)
-    run = training.Run(args)
+    setup = training.Setup(args)
     if args.fp16:
-        recipe = ManualFP16Recipe(run.model, args.lr, args.clip, args.static_loss_scale, args.use_optimizer)
+        recipe = ManualFP16Recipe(setup.model, args.lr, args.clip, args.static_loss_scale, args.use_optimizer)
     else:
-        recipe = recipes.from_flags(run.model, args)
-    return training.train(run, recipe)
+        recipe = recipes.from_flags(setup.model, args)
+    return training.train(setup, recipe)
 
 
 if __name__ == '__main__':
-    sys.exit(cli.run(main))
+    sys.exit(cli.guarded_main(main))

@@ -13,9 +13,9 @@ step is skipped) and doubles again after 2000 clean steps, up to 2**24: apex's l
 import contextlib
 import sys
 
-import cli
 import recipes
 import training
+from plumbing import cli
 
 try:  # an old apex that still ships fp16_utils
     from apex.fp16_utils import FP16_Optimizer
@@ -28,15 +28,18 @@ except ImportError:
 class FP16OptimizerRecipe:
     """fp16 model; torch.optim.SGD (or AdamW) wrapped in FP16_Optimizer."""
 
-    autocast = staticmethod(contextlib.nullcontext)  # the model itself is fp16: nothing to autocast
-
     def __init__(self, model, lr, clip, static_loss_scale=1.0, dynamic_loss_scale=False, adamw=False):
         model.half()
-        wrapped = recipes.optimizer([p for p in model.parameters() if p.requires_grad], lr, adamw)
+        wrapped = recipes.make_optimizer([p for p in model.parameters() if p.requires_grad], lr, adamw)
+        self.optimizer_name = type(wrapped).__name__
         self.optimizer = FP16_Optimizer(wrapped, static_loss_scale=static_loss_scale,
                                         dynamic_loss_scale=dynamic_loss_scale, verbose=False)
         self.clip = clip
         self.name = 'fp16-optimizer-dynamic' if dynamic_loss_scale else 'fp16-optimizer-static'
+
+    def autocast(self):
+        # The model itself is fp16: nothing to autocast.
+        return contextlib.nullcontext()
 
     @property
     def loss_scale(self):
@@ -68,14 +71,14 @@ def main(argv=None):
     cli.check_training_args(args)
     if args.dynamic_loss_scale and not args.fp16:
         print('Warning: --dynamic-loss-scale only applies with --fp16; ignoring it')
-    run = training.Run(args)
+    setup = training.Setup(args)
     if args.fp16:
-        recipe = FP16OptimizerRecipe(run.model, args.lr, args.clip, args.static_loss_scale, args.dynamic_loss_scale,
+        recipe = FP16OptimizerRecipe(setup.model, args.lr, args.clip, args.static_loss_scale, args.dynamic_loss_scale,
                                      args.use_optimizer)
     else:
-        recipe = recipes.from_flags(run.model, args)
-    return training.train(run, recipe)
+        recipe = recipes.from_flags(setup.model, args)
+    return training.train(setup, recipe)
 
 
 if __name__ == '__main__':
-    sys.exit(cli.run(main))
+    sys.exit(cli.guarded_main(main))

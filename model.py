@@ -5,6 +5,8 @@ import math
 import torch
 import torch.nn as nn
 
+from plumbing.rnn_autocast import run_rnn
+
 RNN_TYPES = ('LSTM', 'GRU', 'RNN_TANH', 'RNN_RELU')
 MODEL_TYPES = (*RNN_TYPES, 'Transformer')
 
@@ -44,13 +46,8 @@ class RNNModel(nn.Module):
     def forward(self, input, hidden):
         """input [seq_len, batch] of ids -> logits [seq_len, batch, ntoken], new hidden."""
         emb = self.drop(self.encoder(input))
-        if self.rnn_type == 'LSTM' and input.device.type == 'cpu' and torch.is_autocast_enabled('cpu') \
-                and torch.get_autocast_dtype('cpu') == torch.float16:
-            # oneDNN has no fp16 LSTM kernel: under CPU fp16 autocast the LSTM runs in fp32.
-            with torch.autocast('cpu', enabled=False):
-                output, hidden = self.rnn(emb.float(), hidden)
-        else:
-            output, hidden = self.rnn(emb, hidden)
+        # self.rnn(emb, hidden), except where autocast's choice of precision does not fit the device.
+        output, hidden = run_rnn(self.rnn, emb, hidden)
         return self.decoder(self.drop(output)), hidden
 
     def init_hidden(self, bsz):

@@ -12,15 +12,15 @@ import json
 import os
 import sys
 
-import checkpoint
-import cli
-from data import DataError
+from plumbing import cli
+from plumbing.errors import DataError, UsageError
+from plumbing.files import atomic_write
 
 
 def read_run(path):
     """The records of one metrics file, checked: a run record first, then train, epoch and end records."""
     if not os.path.isfile(path):
-        raise cli.UsageError(f'{path}: no such file.')
+        raise UsageError(f'{path}: no such file.')
     records = []
     with open(path, encoding='utf-8') as f:
         for number, line in enumerate(f, 1):
@@ -84,7 +84,7 @@ def draw(runs, out):
         scales.text(0.5, 0.5, 'no run scales its loss', ha='center', va='center', transform=scales.transAxes)
     devices = sorted({records[0]['device'] for _, records in runs})
     figure.suptitle('; '.join(devices), fontsize='small')
-    with checkpoint.atomic_write(out) as f:
+    with atomic_write(out) as f:
         figure.savefig(f, format='png', dpi=110)
 
 
@@ -110,4 +110,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(cli.run(main))
+    sys.exit(cli.guarded_main(main))

@@ -5,6 +5,7 @@ Every recipe offers the training loop the same things:
 
     name          short and stable ('fp32', 'amp', 'bf16', 'fp16-manual', ...): resume compares it
     describe()    one line for the log
+    optimizer_name  'SGD' or 'AdamW' (--use-optimizer): what updates the weights the recipe keeps in fp32
     autocast()    the context the forward pass runs in
     step(loss)    backward and update; returns False when the update was skipped
                   (non-finite gradients of a scaled loss); the loop counts the skips
@@ -14,12 +15,10 @@ Every recipe offers the training loop the same things:
 """
 import torch
 
-
-class TrainingDiverged(Exception):
-    """The loss or the gradients are inf or NaN where no loss scale can explain it."""
+from plumbing.errors import TrainingDiverged
 
 
-def optimizer(params, lr, adamw=False):
+def make_optimizer(params, lr, adamw=False):
     """Plain SGD (p -= lr * grad), or with adamw (--use-optimizer) torch.optim.AdamW with its
     defaults, as pytorch/examples has it; lr as given for both. One fused kernel on CUDA, one
     foreach pass per op elsewhere."""
@@ -39,7 +38,8 @@ class AutocastRecipe:
     def __init__(self, model, lr, clip, autocast_dtype=None, adamw=False):
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.device_type = self.params[0].device.type
-        self.optimizer = optimizer(self.params, lr, adamw)
+        self.optimizer = make_optimizer(self.params, lr, adamw)
+        self.optimizer_name = type(self.optimizer).__name__
         self.clip = clip
         self.autocast_dtype = autocast_dtype
         self.scaler = torch.amp.GradScaler(self.device_type, enabled=autocast_dtype is torch.float16)

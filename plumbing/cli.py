@@ -1,32 +1,22 @@
-"""What every script does at the command line: flags and their checks, the device, Ctrl-C,
-and turning the errors library code raises into one sentence and an exit code."""
+"""What every script does at the command line: flags and their checks, the device, and turning
+the errors library code raises into one sentence and an exit code (guarded_main)."""
 import argparse
-import contextlib
-import errno
 import math
 import os
-import select
-import signal
 import sys
 
 import torch
 
-import checkpoint
-import data
-import distributed
-import onnx_export
-import recipes
 from model import MODEL_TYPES, TransformerModel
+from plumbing import distributed, onnx_export, wikitext
+from plumbing.errors import ExampleError, UsageError, exception_chain
+from plumbing.files import temp_name
+from plumbing.signals import Interrupted, SignalExit, install_guards
 
 
-class UsageError(Exception):
-    """A flag or path on the command line that cannot work (exit code 2)."""
-
-
-def run(main, argv=None, prog=None):
-    """Call main(argv) and return the exit code: what main returns, 2 for a command line that
-    cannot work, 1 for unusable files or a run that failed, each with its one-sentence error;
-    128 + the signal's number when a signal ends the run (see call_main).
+def guarded_main(main, argv=None, prog=None):
+    """Call main(argv) and return the exit code: what main returns, or an ExampleError's exit_code
+    after its one-sentence error; 128 + the signal's number when a signal ends the run (see call_main).
 
     While main runs, output to a pipe or terminal that closes is discarded instead of ending
     the run (`main.py | head -3`), and SIGINT, SIGTERM or SIGHUP raise Interrupted until a
@@ -35,11 +25,8 @@ def run(main, argv=None, prog=None):
     restore = install_guards()
     try:
         return call_main(main, argv, prog)
-    except (UsageError, checkpoint.CannotResume, checkpoint.SaveInUse) as e:
-        return report_error(e, 2, prog)
-    except (data.DataError, checkpoint.CheckpointError, checkpoint.WriteError, recipes.TrainingDiverged,
-            distributed.DistributedError) as e:
-        return report_error(e, 1, prog)
+    except ExampleError as e:
+        return report_error(e, e.exit_code, prog)
     finally:
         restore()
 
@@ -50,11 +37,35 @@ def report_error(error, code, prog=None):
     return code
 
 
+def call_main(main, argv, prog):
+    """main(argv) or 0; 128 + signum if a SignalExit ended it, with a sentence for Interrupted.
+
+    The SignalExit is looked for in the whole chain of the exception: C++ code that calls back into
+    Python (torch.save's writer) raises a RuntimeError of its own during it, and our code may turn
+    that into a worded error.
+    """
+    try:
+        return main(argv) or 0
+    except BaseException as e:
+        # Under torchrun, a rank that died shows in the others as an error of the collective (perhaps in a
+        # backward pass), and torchrun's SIGTERM may land while that error unwinds: the lost contact is the news.
+        lost = next((x for x in exception_chain(e) if distributed.is_lost_contact(x)), None)
+        if lost is not None:
+            return report_error(lost if isinstance(lost, distributed.DistributedError)
+                                else distributed.lost_contact(lost), 1, prog)
+        stopped = next((x for x in exception_chain(e) if isinstance(x, SignalExit)), None)
+        if stopped is None:
+            raise
+        if isinstance(stopped, Interrupted):
+            return report_error(f'interrupted by {stopped} before anything was saved.', 128 + stopped.signum, prog)
+        return 128 + stopped.signum  # SecondSignal: its handler has said so
+
+
 # ---------------------------------------------------------------- training flags
 
 def training_parser(description):
     p = argparse.ArgumentParser(description=description)
-    p.add_argument('--data', type=str, default=data.DEFAULT_DATA,
+    p.add_argument('--data', type=str, default=wikitext.DEFAULT_DATA,
                    help='directory holding train.txt, valid.txt and test.txt; '
                         'WikiText-2 is downloaded there if it is the default and missing')
     p.add_argument('--model', type=str, default='LSTM', help=f'model type: {", ".join(MODEL_TYPES)}')
@@ -122,7 +133,7 @@ def check_training_args(args):
     if not uses_default_data(args.data) and not os.path.isdir(args.data):
         raise UsageError(f'--data {args.data}: no such directory.')
     check_seed(args.seed)
-    data_files = [('--data', os.path.join(args.data, f'{split}.txt')) for split in data.SPLITS]
+    data_files = [('--data', os.path.join(args.data, f'{split}.txt')) for split in wikitext.SPLITS]
     check_output_file('--save', args.save, data_files)
     check_output_file('SAVE.resume', args.save + '.resume', data_files)
     check_output_file('SAVE.metrics.jsonl', args.save + '.metrics.jsonl', data_files)
@@ -168,7 +179,7 @@ def require_matplotlib(what):
 
 def uses_default_data(path):
     """The default data directory, which is downloaded into when its files are missing."""
-    return os.path.normpath(path) == os.path.normpath(data.DEFAULT_DATA)
+    return os.path.normpath(path) == os.path.normpath(wikitext.DEFAULT_DATA)
 
 
 def check_output_file(flag, path, inputs=()):
@@ -191,7 +202,7 @@ def check_output_file(flag, path, inputs=()):
         raise UsageError(f'{flag} {path} is not writable (read-only or immutable); make it writable or give another name.')
     # atomic_write writes a temporary name first (the pid at most 2**22): the file system must take it too.
     name_bytes = len(os.fsencode(os.path.basename(path)))
-    longest = len(os.fsencode(checkpoint.temp_name(os.path.basename(path), 2 ** 22, 'x' * 8)))
+    longest = len(os.fsencode(temp_name(os.path.basename(path), 2 ** 22, 'x' * 8)))
     name_max = os.pathconf(directory, 'PC_NAME_MAX')
     if longest > name_max:
         raise UsageError(f'{flag} {path}: the name is too long for the file system (at most '
@@ -249,188 +260,3 @@ def select_device(args, world=None):
         print('WARNING: You have a CUDA device, so you should probably run with --cuda')
     return torch.device('cpu')
 
-
-# ---------------------------------------------------------------- signals and closed output
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # Ctrl-C, kill, a closed terminal
-
-
-class SignalExit(BaseException):
-    """A signal that ends the run with exit code 128 + signum, the shell's code for a killed process.
-
-    A BaseException, like KeyboardInterrupt, so that `except Exception` in library code lets it pass.
-    """
-
-    def __init__(self, signum):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-class Interrupted(SignalExit):
-    """A stop signal while no StopRequest is active: while the data loads or the model is built."""
-
-
-class SecondSignal(SignalExit):
-    """A second stop signal: quit at once, wherever the handler lands."""
-
-
-def install_guards():
-    """Wrap sys.stdout and sys.stderr in OutputThatMayClose and make stop signals raise Interrupted;
-    returns the function that undoes both. A stream that is None (its descriptor was closed when
-    Python started, and print skips it) stays None."""
-    streams = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = (None if s is None else OutputThatMayClose(s) for s in streams)
-    handlers = {s: signal.signal(s, raise_interrupted) for s in handled_signals()}
-
-    def restore():
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
-        # Flushed through the guards, so that the interpreter's flush at exit has nothing left to fail on.
-        for guarded in (sys.stdout, sys.stderr):
-            if guarded is not None:
-                guarded.flush()
-        sys.stdout, sys.stderr = streams
-    return restore
-
-
-def handled_signals():
-    """The stop signals to handle: those not ignored. nohup starts a process with SIGHUP ignored,
-    and a shell starts background jobs with SIGINT ignored; they stay ignored."""
-    return [s for s in STOP_SIGNALS if signal.getsignal(s) != signal.SIG_IGN]
-
-
-def raise_interrupted(signum, frame):
-    raise Interrupted(signum)
-
-
-def call_main(main, argv, prog):
-    """main(argv) or 0; 128 + signum if a SignalExit ended it, with a sentence for Interrupted.
-
-    The SignalExit is looked for in the whole chain of the exception: C++ code that calls back into
-    Python (torch.save's writer) raises a RuntimeError of its own during it, and our code may turn
-    that into a worded error.
-    """
-    try:
-        return main(argv) or 0
-    except BaseException as e:
-        # Under torchrun, a rank that died shows in the others as an error of the collective (perhaps in a
-        # backward pass), and torchrun's SIGTERM may land while that error unwinds: the lost contact is the news.
-        lost = next((x for x in checkpoint.exception_chain(e) if distributed.is_lost_contact(x)), None)
-        if lost is not None:
-            return report_error(lost if isinstance(lost, distributed.DistributedError)
-                                else distributed.lost_contact(lost), 1, prog)
-        stopped = signal_exit_in(e)
-        if stopped is None:
-            raise
-        if isinstance(stopped, Interrupted):
-            return report_error(f'interrupted by {stopped} before anything was saved.', 128 + stopped.signum, prog)
-        return 128 + stopped.signum  # SecondSignal: its handler has said so
-
-
-def signal_exit_in(error):
-    """The SignalExit that error is, or was raised from or while handling, if any."""
-    return next((e for e in checkpoint.exception_chain(error) if isinstance(e, SignalExit)), None)
-
-
-class OutputThatMayClose:
-    """sys.stdout or sys.stderr that outlives its reader (`main.py | head -3`, a closed terminal).
-
-    The first write or flush that fails because the pipe or terminal is gone points the file
-    descriptor at os.devnull (the Python docs' advice for SIGPIPE), so what the stream still
-    holds and all later output are discarded, and the run goes on.
-    """
-    GONE = (errno.EPIPE, errno.EIO)  # a pipe without a reader; a terminal that hung up
-
-    def __init__(self, stream):
-        self.stream = stream
-
-    def __getattr__(self, name):
-        return getattr(self.stream, name)
-
-    def write(self, text):
-        try:
-            return self.stream.write(text)
-        except OSError as e:
-            self.discard_if_gone(e)
-            return len(text)
-
-    def flush(self):
-        try:
-            self.stream.flush()
-        except OSError as e:
-            self.discard_if_gone(e)
-
-    def discard_if_gone(self, error):
-        if error.errno not in self.GONE:
-            raise error
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, self.stream.fileno())
-        os.close(devnull)
-
-
-def say(text):
-    """Print text from a signal handler. The handler may have interrupted a write to stdout whose
-    buffer then refuses a second writer (RuntimeError); the file descriptor takes the text instead."""
-    try:
-        print(text, flush=True)
-    except RuntimeError:
-        with contextlib.suppress(OSError):
-            os.write(sys.stdout.fileno(), (text + '\n').encode())
-
-
-class StopRequest:
-    """SIGINT (Ctrl-C), SIGTERM or SIGHUP asks a loop to stop after the current step (a batch, a
-    word); a second one quits at once by raising SecondSignal (exit code 128 + signum).
-
-    Files are written atomically, so quitting at any moment leaves every saved file whole.
-    Signals are counted through a wakeup fd: CPython runs the handler once for signals that
-    arrive close together (while a long C call runs), but writes one byte per signal there.
-    Only the main thread can enter a StopRequest.
-    """
-    BYTE_WAIT_S = 0.05  # the handler may run just before the C-level handler writes the byte
-
-    def __init__(self, step='batch'):
-        self.step = step
-        self.signum = None
-        self.quitting = False
-
-    @property
-    def requested(self):
-        return self.signum is not None
-
-    @property
-    def exit_code(self):
-        """0 when the loop ended or Ctrl-C stopped it (the user's choice); 128 + signum after SIGTERM or
-        SIGHUP, which ask the process to end and get the shell's code for a killed process."""
-        return 0 if self.signum in (None, signal.SIGINT) else 128 + self.signum
-
-    def __enter__(self):
-        self.read_end, self.write_end = os.pipe()
-        os.set_blocking(self.write_end, False)  # set_wakeup_fd requires it
-        self.previous_wakeup_fd = signal.set_wakeup_fd(self.write_end, warn_on_full_buffer=False)
-        self.previous = {s: signal.signal(s, self.handle) for s in handled_signals()}
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-        signal.set_wakeup_fd(self.previous_wakeup_fd)
-        os.close(self.read_end)
-        os.close(self.write_end)
-
-    def handle(self, signum, frame):
-        if self.quitting:
-            return  # already on the way out: let the clean-up (removing a temporary file) finish
-        # A call that finds no byte runs for a signal an earlier call has already counted.
-        if select.select([self.read_end], [], [], self.BYTE_WAIT_S)[0]:
-            for number in os.read(self.read_end, 4096):
-                if number in STOP_SIGNALS:
-                    self.receive(number)
-
-    def receive(self, signum):
-        if self.requested:
-            self.quitting = True
-            say('\n| second signal: exiting now')
-            raise SecondSignal(signum)
-        self.signum = signum
-        say(f'\n| {signal.Signals(signum).name}: stopping after this {self.step} (once more to quit at once)')

@@ -49,7 +49,7 @@ def prepare(args, device):
         use_fp32_products()
         flag = '--fp16' if args.fp16 else '--amp'
         print(f'Warning: this CPU has no fp16 arithmetic: {flag} runs its fp16 matrix products as fp32 products '
-              'rounded to fp16 (cpu_fp16_matmul.py) and is still slower than fp32 here; '
+              'rounded to fp16 (plumbing/cpu_fp16_matmul.py) and is still slower than fp32 here; '
               '--bf16 is the fast low precision on a CPU.', flush=True)
 
 

@@ -1,4 +1,4 @@
-"""Data-parallel training under torchrun. Plumbing: training.py reads the same with one process or many.
+"""Data-parallel training under torchrun. training.py reads the same with one process or many.
 
     torchrun --nproc_per_node 2 main.py --cuda --fp16 ...
 
@@ -27,12 +27,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from plumbing.errors import DistributedError
+
 # A rank that waits longer than this for the others (one died, or hangs) gives up with an error.
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
-
-
-class DistributedError(Exception):
-    """Contact with another rank was lost: it stopped, died or hangs."""
 
 
 class World:

@@ -16,6 +16,7 @@ length before appending, so records that a stopped or killed run wrote after it 
 run writes again) appear once.
 """
 import json
+import math
 import os
 import platform
 import sys
@@ -84,8 +85,13 @@ class MetricsFile:
         return self.file.tell() if self.file else 0
 
 
-def run_record(args, recipe, device, progress, nbatches, processes):
+def first_record(args, recipe, device, progress, nbatches, processes):
     """The fields of a run's first record (and of a resumed run's first); processes: torchrun's ranks, or 1."""
     return dict(script=os.path.basename(sys.argv[0]), flags=vars(args), recipe=recipe.name,
                 precision=recipe.describe(), torch=torch.__version__, device=device_name(device), processes=processes,
                 batches_per_epoch=nbatches, epoch=progress.epoch, batch=progress.next_batch, resumed=bool(args.resume))
+
+
+def ppl(loss):
+    """Perplexity, exp(loss); inf where exp overflows."""
+    return math.exp(loss) if loss < 700 else float('inf')

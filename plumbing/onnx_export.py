@@ -9,7 +9,8 @@ import warnings
 
 import torch
 
-import checkpoint
+from plumbing import checkpoint
+from plumbing.files import atomic_write
 
 EXPORTER_PACKAGES = ('onnx', 'onnxscript')
 
@@ -42,5 +43,5 @@ def export(checkpoint_path, path, seq_len):
             program = torch.onnx.export(model, example, dynamo=True, verbose=False, output_names=['logits'])
     finally:
         exporter_log.setLevel(level)
-    with checkpoint.atomic_write(path) as f:
+    with atomic_write(path) as f:
         f.write(program.model_proto.SerializeToString())
