@@ -3,9 +3,8 @@
 Read the files in this order: main.py (this recipe, then main() at the bottom), training.py
 (the loop it is handed to), model.py and data.py (the model, and how text becomes batches),
 fp16_utils.py (the helpers used below), main_fp16_optimizer.py (the same recipe packaged as
-FP16_Optimizer), recipes.py (fp32, --amp, --bf16), distributed.py (several processes under
-torchrun). cli.py, checkpoint.py, metrics.py, chunked_cross_entropy.py and cpu_fp16_matmul.py
-are plumbing and measurement.
+FP16_Optimizer), recipes.py (fp32, --amp, --bf16). plumbing/ holds the rest (flags, files,
+signals, torchrun, metrics): a first reading can skip it.
 
 The manual recipe, one update:
 

@@ -21,12 +21,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-import cli
 import data
 import recipes
 import training
 from benchmarks import cpu_model
 from model import RNNModel
+from plumbing import cli
+from plumbing.errors import UsageError
 
 PROG = 'python3 -m benchmarks.chunked_cross_entropy'
 
@@ -98,7 +99,7 @@ def main(argv=None):
     cli.check_at_least_1(args, ('--emsize', '--nhid', '--batch_size', '--bptt', '--ntokens', '--rounds', '--steps',
                                 '--threads'))
     if args.warmup < 0:
-        raise cli.UsageError(f'--warmup must not be negative (got {args.warmup}).')
+        raise UsageError(f'--warmup must not be negative (got {args.warmup}).')
     args.dropout, args.lr, args.clip, args.seed = 0.65, 20.0, 0.25, 1111  # as benchmarks.recipes
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -127,4 +128,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(cli.run(main, prog=PROG))
+    sys.exit(cli.guarded_main(main, prog=PROG))

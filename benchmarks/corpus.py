@@ -19,8 +19,9 @@ import time
 
 import torch
 
-import cli
 import data
+from plumbing import cli, wikitext
+from plumbing.errors import DataError, UsageError
 
 PROG = 'python3 -m benchmarks.corpus'
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,19 +31,19 @@ def per_element_corpus(path):
     """The classic tokenizer: one pass to build the dictionary, one to fill the tensor element by element."""
     dictionary = data.Dictionary()
     splits = {}
-    for split in data.SPLITS:
+    for split in wikitext.SPLITS:
         file = os.path.join(path, f'{split}.txt')
         with open(file, encoding='utf-8') as f:
             ntokens = 0
             for line in f:
-                for word in line.split() + [data.EOS]:
+                for word in line.split() + [wikitext.EOS]:
                     dictionary.add_word(word)
                     ntokens += 1
         ids = torch.LongTensor(ntokens)
         with open(file, encoding='utf-8') as f:
             token = 0
             for line in f:
-                for word in line.split() + [data.EOS]:
+                for word in line.split() + [wikitext.EOS]:
                     ids[token] = dictionary.word2idx[word]
                     token += 1
         splits[split] = ids
@@ -72,7 +73,7 @@ def drop_page_cache():
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
-    parser.add_argument('--data', default=data.DEFAULT_DATA, help='directory holding train.txt, valid.txt and test.txt')
+    parser.add_argument('--data', default=wikitext.DEFAULT_DATA, help='directory holding train.txt, valid.txt and test.txt')
     parser.add_argument('--repeats', type=int, default=3, help='loads of each method, alternating')
     parser.add_argument('--scale', type=int, default=0,
                         help='only time Corpus on a copy whose train.txt is the original repeated N times')
@@ -81,10 +82,10 @@ def parse_args(argv):
     parser.add_argument('--one', choices=['corpus', 'per-element'], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not os.path.isdir(args.data):
-        raise cli.UsageError(f'--data {args.data}: no such directory.')
+        raise UsageError(f'--data {args.data}: no such directory.')
     cli.check_at_least_1(args, ('--repeats',))
     if args.scale < 0:
-        raise cli.UsageError(f'--scale must not be negative (got {args.scale}).')
+        raise UsageError(f'--scale must not be negative (got {args.scale}).')
     return args
 
 
@@ -103,9 +104,9 @@ def main(argv=None):
         print(json.dumps(load_once(args.one, args.data)))
         return 0
     if args.scale:
-        missing = [f'{s}.txt' for s in data.SPLITS if not os.path.isfile(os.path.join(args.data, f'{s}.txt'))]
+        missing = [f'{s}.txt' for s in wikitext.SPLITS if not os.path.isfile(os.path.join(args.data, f'{s}.txt'))]
         if missing:
-            raise data.DataError(f'{args.data} has no {" or ".join(missing)}.')
+            raise DataError(f'{args.data} has no {" or ".join(missing)}.')
         with tempfile.TemporaryDirectory() as big:
             with open(os.path.join(big, 'train.txt'), 'wb') as out:
                 for _ in range(args.scale):
@@ -138,4 +139,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(cli.run(main, prog=PROG))
+    sys.exit(cli.guarded_main(main, prog=PROG))

@@ -15,13 +15,12 @@ import time
 
 import torch
 
-import cli
-import cpu_fp16_matmul
 import main as manual_fp16
 import recipes
 import training
 from benchmarks import cpu_model
 from model import RNNModel
+from plumbing import cli, cpu_fp16_matmul
 
 PROG = 'python3 -m benchmarks.fp16_cpu_profile'
 
@@ -71,4 +70,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(cli.run(main, prog=PROG))
+    sys.exit(cli.guarded_main(main, prog=PROG))

@@ -11,9 +11,9 @@ import time
 
 import torch
 
-import cli
 from fp16_utils import FP16_Optimizer
 from model import RNNModel
+from plumbing import cli
 
 PROG = 'python3 -m benchmarks.fp16_optimizer'
 
@@ -96,4 +96,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(cli.run(main, prog=PROG))
+    sys.exit(cli.guarded_main(main, prog=PROG))

@@ -10,8 +10,9 @@ import argparse
 import statistics
 import sys
 
-import cli
 from plot import label, read_run
+from plumbing import cli
+from plumbing.errors import UsageError
 
 PROG = 'python3 -m benchmarks.metrics_table'
 
@@ -21,7 +22,7 @@ def row(path):
     epochs = [r for r in records if r['kind'] == 'epoch']
     ends = [r for r in records if r['kind'] == 'end']
     if not epochs or not ends:
-        raise cli.UsageError(f'{path} holds no finished epoch and test: the run did not end.')
+        raise UsageError(f'{path} holds no finished epoch and test: the run did not end.')
     train = [r for r in records if r['kind'] == 'train']
     ms = statistics.median(r['ms_per_batch'] for r in train) if train else float('nan')
     return (f"| {label(records)} | {len(epochs)} | {min(r['valid_ppl'] for r in epochs):.2f} | {ends[-1]['test_ppl']:.2f} "
@@ -40,4 +41,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(cli.run(main, prog=PROG))
+    sys.exit(cli.guarded_main(main, prog=PROG))

@@ -26,8 +26,6 @@ import time
 
 import torch
 
-import cli
-import cpu_fp16_matmul
 import data
 import recipes
 import training
@@ -35,6 +33,8 @@ from benchmarks import cpu_model
 from main import ManualFP16Recipe
 from main_fp16_optimizer import FP16OptimizerRecipe
 from model import MODEL_TYPES, build_model, repackage_hidden
+from plumbing import cli, cpu_fp16_matmul
+from plumbing.errors import UsageError
 
 PROG = 'python3 -m benchmarks.recipes'
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -242,26 +242,26 @@ def parse_args(argv):
 
 
 def check_args(cfg):
-    """Flag values the benchmark cannot run with (cli.UsageError: one sentence, exit code 2)."""
+    """Flag values the benchmark cannot run with (UsageError: one sentence, exit code 2)."""
     cli.check_at_least_1(cfg, ('--emsize', '--nhid', '--nlayers', '--nhead', '--batch_size', '--bptt', '--ntokens',
                                '--steps', '--rounds'))
     if cfg.warmup < 0:
-        raise cli.UsageError(f'--warmup must not be negative (got {cfg.warmup}).')
+        raise UsageError(f'--warmup must not be negative (got {cfg.warmup}).')
     if cfg.model not in MODEL_TYPES:
-        raise cli.UsageError(f'--model {cfg.model} is not a known model type; choose one of {", ".join(MODEL_TYPES)}.')
+        raise UsageError(f'--model {cfg.model} is not a known model type; choose one of {", ".join(MODEL_TYPES)}.')
     if cfg.model == 'Transformer':
         cli.check_transformer_args(cfg)
     if cfg.data is not None and not os.path.isdir(cfg.data):
-        raise cli.UsageError(f'--data {cfg.data}: no such directory.')
+        raise UsageError(f'--data {cfg.data}: no such directory.')
     if cfg.json:
         os.makedirs(os.path.dirname(os.path.abspath(cfg.json)), exist_ok=True)
         cli.check_output_file('--json', cfg.json)
     names = cfg.recipes.split(',') if cfg.recipes else []
     unknown = [r for r in names if r not in RECIPES]
     if unknown:
-        raise cli.UsageError(f'unknown recipe(s) {", ".join(unknown)}; choose from {", ".join(RECIPES)}.')
+        raise UsageError(f'unknown recipe(s) {", ".join(unknown)}; choose from {", ".join(RECIPES)}.')
     if cfg.one is not None and cfg.one not in RECIPES:
-        raise cli.UsageError(f'unknown recipe {cfg.one}.')
+        raise UsageError(f'unknown recipe {cfg.one}.')
 
 
 def run_in_own_process(name, argv):
@@ -328,4 +328,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(cli.run(main, prog=PROG))
+    sys.exit(cli.guarded_main(main, prog=PROG))

@@ -206,17 +206,12 @@ class Session:
 
     def finish(self, test_loss):
         """The metrics file's last record; then --onnx-export."""
-        progress, args = self.progress, self.args
+        progress = self.progress
         self.metrics.write('end', test_loss=test_loss, test_ppl=ppl(test_loss), stopped=self.stopped,
                            epoch=progress.epoch, batch=progress.next_batch, best_val_loss=progress.best_val_loss,
                            skipped=progress.skipped)
-        if not args.onnx_export:
-            return
-        if progress.best_val_loss is None:
-            print(f'| no epoch finished, so there is no best model to export to {args.onnx_export}', flush=True)
-            return
-        onnx_export.export(args.save, args.onnx_export, args.bptt)
-        print(f'| the best model is exported to ONNX in {args.onnx_export}', flush=True)
+        if self.args.onnx_export:
+            export_best_model(self.args, progress)
 
     # ------------------------------------------------------------ SAVE.resume
 
@@ -252,6 +247,15 @@ class Session:
                 else 'no model was saved')
         return TrainingDiverged(f'training diverged: the loss or the gradients became inf or NaN in epoch '
                                 f'{self.progress.epoch} with lr {lr:g} (try a smaller --lr); {kept}.')
+
+
+def export_best_model(args, progress):
+    """--onnx-export: the best model, read back from --save, as ONNX (fp32, input [bptt, 1])."""
+    if progress.best_val_loss is None:
+        print(f'| no epoch finished, so there is no best model to export to {args.onnx_export}', flush=True)
+        return
+    onnx_export.export(args.save, args.onnx_export, args.bptt)
+    print(f'| the best model is exported to ONNX in {args.onnx_export}', flush=True)
 
 
 @contextlib.contextmanager

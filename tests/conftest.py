@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import cpu_fp16_matmul  # noqa: E402  (needs the path above)
+from plumbing import cpu_fp16_matmul  # noqa: E402  (needs the path above)
 
 # fp16 products as the scripts compute them on this CPU (cpu_fp16_matmul.prepare), from the first
 # test on: in-process runs then match the scripts run as processes, whatever order tests run in.
@@ -106,7 +106,7 @@ def call_script(monkeypatch, capsys):
     argparse's own errors raise SystemExit out of call, as they do out of main.
 
     torch's RNG state and thread count are restored afterwards (training runs seed and use them)."""
-    import cli
+    from plumbing import cli
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     monkeypatch.setattr(torch.accelerator, 'is_available', lambda: False)
     rng, threads = torch.get_rng_state(), torch.get_num_threads()
@@ -118,7 +118,7 @@ def call_script(monkeypatch, capsys):
         monkeypatch.setattr(sys, 'argv', [str(REPO / script)])
         capsys.readouterr()  # only what this call prints
         args = [str(a) for a in args]
-        code = cli.run(main, args)
+        code = cli.guarded_main(main, args)
         out, err = capsys.readouterr()
         return subprocess.CompletedProcess([script, *args], code, out, err)
 

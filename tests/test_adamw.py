@@ -12,13 +12,13 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from test_fp16_optimizer_recipe import BSZ, NTOKEN, SEQ, batch, tiny_model
 
-import checkpoint
 import main
 import main_fp16_optimizer
 import recipes
 from conftest import describe, error_line
-from test_fp16_optimizer_recipe import BSZ, NTOKEN, SEQ, batch, tiny_model
+from plumbing import checkpoint
 
 LR, CLIP = 0.01, 0.25
 AUTOCAST = {'fp32': None, 'amp': torch.float16, 'bf16': torch.bfloat16}
@@ -170,13 +170,13 @@ def test_state_dict_carries_adamw_and_continues_exactly(name):
 @pytest.mark.parametrize('name', list(RECIPES))
 def test_training_with_adamw_lowers_the_loss(name, corpus_dir, tmp_path, call_script, monkeypatch):
     """The scripts pass --use-optimizer to the recipe: one AdamW, stepped once per update made."""
-    made, original = [], recipes.optimizer
+    made, original = [], recipes.make_optimizer
 
     def recorded_optimizer(params, lr, adamw=False):
         made.append(original(params, lr, adamw))
         return made[-1]
 
-    monkeypatch.setattr(recipes, 'optimizer', recorded_optimizer)
+    monkeypatch.setattr(recipes, 'make_optimizer', recorded_optimizer)
     script, flags = SCRIPT_FLAGS[name]
     proc = call_script(script, '--data', corpus_dir, *TINY_RUN, '--epochs', 1, *flags, '--use-optimizer', cwd=tmp_path)
     assert proc.returncode == 0, describe(proc)

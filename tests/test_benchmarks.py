@@ -9,7 +9,6 @@ import sys
 import pytest
 import torch
 
-import cli
 import training
 from benchmarks import chunked_cross_entropy as chunked_bench
 from benchmarks import corpus as corpus_bench
@@ -18,6 +17,7 @@ from benchmarks import fp16_optimizer as fp16_optimizer_bench
 from benchmarks import recipes as recipes_bench
 from conftest import ENV, REPO
 from model import RNNModel
+from plumbing import cli
 
 
 def run_module(module, *args, timeout=240):
@@ -72,7 +72,7 @@ def test_every_recipe_name_is_its_recipes_name():
     (['--data', '/no/such/dir'], '--data /no/such/dir: no such directory.'),
 ])
 def test_recipes_rejects_bad_flags_in_one_sentence(argv, message, capsys):
-    assert cli.run(recipes_bench.main, argv) == 2
+    assert cli.guarded_main(recipes_bench.main, argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count('\n') == 1
 
@@ -114,9 +114,9 @@ def test_corpus_smoke_alternates_cold_loads(corpus_dir):
 
 
 def test_corpus_scale_and_missing_data(corpus_dir, capsys):
-    assert cli.run(corpus_bench.main, ['--data', str(corpus_dir), '--scale', '2', '--keep-page-cache']) == 0
+    assert cli.guarded_main(corpus_bench.main, ['--data', str(corpus_dir), '--scale', '2', '--keep-page-cache']) == 0
     assert '| Corpus on train.txt x2:' in capsys.readouterr().out
-    assert cli.run(corpus_bench.main, ['--data', '/no/such/dir']) == 2
+    assert cli.guarded_main(corpus_bench.main, ['--data', '/no/such/dir']) == 2
     assert '--data /no/such/dir: no such directory.' in capsys.readouterr().err
 
 
@@ -130,7 +130,7 @@ def test_fp16_optimizer_smoke():
 def test_chunked_cross_entropy_benchmark_smoke(capsys):
     argv = ['--emsize', '8', '--nhid', '8', '--ntokens', '64', '--batch_size', '4', '--bptt', '5',
             '--rounds', '2', '--steps', '1', '--warmup', '1']
-    assert cli.run(chunked_bench.main, argv) == 0
+    assert cli.guarded_main(chunked_bench.main, argv) == 0
     out = capsys.readouterr().out
     assert out.count('| round ') == 2
     for variant in chunked_bench.VARIANTS:
@@ -165,7 +165,7 @@ def test_fp16_cpu_profile_smoke(capsys):
     """One profiled step of each recipe: both tables, with the matrix products in them, and the ratio."""
     threads = torch.get_num_threads()
     try:
-        code = cli.run(fp16_profile_bench.main, ['--nhid', '8', '--ntokens', '40', '--batch_size', '2', '--bptt', '3',
+        code = cli.guarded_main(fp16_profile_bench.main, ['--nhid', '8', '--ntokens', '40', '--batch_size', '2', '--bptt', '3',
                                                   '--rows', '100'],  # every operator: tiny steps rank them by noise
                        prog=fp16_profile_bench.PROG)
     finally:
@@ -178,5 +178,5 @@ def test_fp16_cpu_profile_smoke(capsys):
 
 
 def test_fp16_cpu_profile_rejects_bad_sizes(capsys):
-    assert cli.run(fp16_profile_bench.main, ['--nhid', '0'], prog=fp16_profile_bench.PROG) == 2
+    assert cli.guarded_main(fp16_profile_bench.main, ['--nhid', '0'], prog=fp16_profile_bench.PROG) == 2
     assert capsys.readouterr().err == f'{fp16_profile_bench.PROG}: error: --nhid must be at least 1 (got 0).\n'

@@ -1,11 +1,11 @@
-"""checkpoint.atomic_write and checkpoint.save: whole files only, with an ordinary file's permissions."""
+"""files.atomic_write and checkpoint.save: whole files only, with an ordinary file's permissions."""
 import os
 
 import pytest
 import torch
 
-import checkpoint
 from conftest import file_mode, temp_files, umask
+from plumbing import checkpoint, files
 
 
 @pytest.mark.parametrize('mask, mode', [(0o022, 0o644), (0o077, 0o600), (0o027, 0o640), (0o002, 0o664)])
@@ -13,7 +13,7 @@ def test_atomic_write_follows_the_umask(mask, mode, tmp_path):
     """0o666 & ~umask, as open() gives a new file (mkstemp would give 0600 whatever the umask)."""
     path = tmp_path / 'out.txt'
     with umask(mask):
-        with checkpoint.atomic_write(str(path), 'w', encoding='utf-8') as f:
+        with files.atomic_write(str(path), 'w', encoding='utf-8') as f:
             f.write('héllo\n')
         assert file_mode(path) == mode
         checkpoint.save({'format': checkpoint.FORMAT, 'x': torch.arange(3)}, str(tmp_path / 'model.pt'))
@@ -42,7 +42,7 @@ def test_umask_helper_restores_the_umask():
 def test_atomic_write_replaces_the_file_only_when_the_block_ends(tmp_path):
     path = tmp_path / 'model.pt'
     path.write_bytes(b'old')
-    with checkpoint.atomic_write(str(path)) as f:
+    with files.atomic_write(str(path)) as f:
         f.write(b'new contents')
         f.flush()
         assert path.read_bytes() == b'old'  # the new bytes go to a temporary file beside it
@@ -56,7 +56,7 @@ def test_atomic_write_failure_keeps_the_old_file_and_leaves_no_temporary(error, 
     path = tmp_path / 'generated.txt'
     path.write_text('earlier output\n')
     with pytest.raises(type(error)):
-        with checkpoint.atomic_write(str(path), 'w') as f:
+        with files.atomic_write(str(path), 'w') as f:
             f.write('half of the new ')
             raise error
     assert path.read_text() == 'earlier output\n'
@@ -65,7 +65,7 @@ def test_atomic_write_failure_keeps_the_old_file_and_leaves_no_temporary(error, 
 
 def test_atomic_write_failure_without_an_old_file_leaves_nothing(tmp_path):
     with pytest.raises(ValueError):
-        with checkpoint.atomic_write(str(tmp_path / 'model.pt')):
+        with files.atomic_write(str(tmp_path / 'model.pt')):
             raise ValueError('pickling failed')
     assert list(tmp_path.iterdir()) == []
 
@@ -73,7 +73,7 @@ def test_atomic_write_failure_without_an_old_file_leaves_nothing(tmp_path):
 def test_atomic_write_relative_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with umask(0o022):
-        with checkpoint.atomic_write('out.bin') as f:
+        with files.atomic_write('out.bin') as f:
             f.write(b'x')
     assert (tmp_path / 'out.bin').read_bytes() == b'x' and file_mode(tmp_path / 'out.bin') == 0o644
     assert not temp_files(tmp_path)

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import training
-from chunked_cross_entropy import ChunkedCrossEntropy
+from plumbing.chunked_cross_entropy import ChunkedCrossEntropy
 
 
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])

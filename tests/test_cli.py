@@ -1,19 +1,16 @@
-"""cli.run: the one place errors become an exit code and one 'SCRIPT: error: ' line."""
+"""cli.guarded_main: the one place errors become an exit code and one 'SCRIPT: error: ' line."""
 import sys
 
 import pytest
 
-import checkpoint
-import cli
-import data
-import recipes
+from plumbing import cli, errors
 
 ERRORS = [  # (exception, exit code)
-    (cli.UsageError('--lr must be a positive number (got -1).'), 2),
-    (checkpoint.CannotResume('cannot resume from model.pt.resume: --nhid was 16, now 32.'), 2),
-    (data.DataError('data/train.txt has no tokens.'), 1),
-    (checkpoint.CheckpointError('model.pt is corrupt or not a PyTorch checkpoint.'), 1),
-    (recipes.TrainingDiverged('training diverged: the loss became inf in epoch 1 (try a smaller --lr).'), 1),
+    (errors.UsageError('--lr must be a positive number (got -1).'), 2),
+    (errors.CannotResume('cannot resume from model.pt.resume: --nhid was 16, now 32.'), 2),
+    (errors.DataError('data/train.txt has no tokens.'), 1),
+    (errors.CheckpointError('model.pt is corrupt or not a PyTorch checkpoint.'), 1),
+    (errors.TrainingDiverged('training diverged: the loss became inf in epoch 1 (try a smaller --lr).'), 1),
 ]
 
 
@@ -29,7 +26,7 @@ def test_error_kinds_map_to_exit_codes(error, code, script_path, capsys):
         print('working', flush=True)
         raise error
 
-    assert cli.run(main, ['--x']) == code
+    assert cli.guarded_main(main, ['--x']) == code
     out, err = capsys.readouterr()
     assert out == 'working\n'  # what main printed before is kept, and the error goes to stderr only
     assert err == f'train.py: error: {error}\n'
@@ -37,12 +34,12 @@ def test_error_kinds_map_to_exit_codes(error, code, script_path, capsys):
 
 def test_cannot_resume_is_a_usage_error_though_a_checkpoint_error(script_path, capsys):
     """CannotResume subclasses CheckpointError (exit 1) but is a command line that cannot work (exit 2)."""
-    assert issubclass(checkpoint.CannotResume, checkpoint.CheckpointError)
+    assert issubclass(errors.CannotResume, errors.CheckpointError)
 
     def main(argv):
-        raise checkpoint.CannotResume('x.resume is a best-model checkpoint.')
+        raise errors.CannotResume('x.resume is a best-model checkpoint.')
 
-    assert cli.run(main) == 2
+    assert cli.guarded_main(main) == 2
     assert capsys.readouterr().err == 'train.py: error: x.resume is a best-model checkpoint.\n'
 
 
@@ -54,9 +51,9 @@ def test_what_main_returns_is_the_exit_code(returned, code, script_path, capsys)
         seen.append(argv)
         return returned
 
-    assert cli.run(main, ['--epochs', '1']) == code
+    assert cli.guarded_main(main, ['--epochs', '1']) == code
     assert seen == [['--epochs', '1']]
-    assert cli.run(main) == code  # argv None: main parses sys.argv[1:] itself
+    assert cli.guarded_main(main) == code  # argv None: main parses sys.argv[1:] itself
     assert seen[-1] is None
     assert capsys.readouterr().err == ''
 
@@ -68,7 +65,7 @@ def test_other_exceptions_propagate(error, script_path, capsys):
         raise error
 
     with pytest.raises(type(error)):
-        cli.run(main)
+        cli.guarded_main(main)
     assert capsys.readouterr().err == ''
 
 
@@ -78,16 +75,16 @@ def test_system_exit_passes_through(script_path):
         sys.exit(130)
 
     with pytest.raises(SystemExit) as e:
-        cli.run(main)
+        cli.guarded_main(main)
     assert e.value.code == 130
 
 
 def test_prog_names_a_module_run_with_dash_m(script_path, capsys):
     """Under `python3 -m benchmarks.recipes` argv[0] is a file path; prog names the command instead."""
     def main(argv):
-        raise cli.UsageError('--steps must be at least 1 (got 0).')
+        raise errors.UsageError('--steps must be at least 1 (got 0).')
 
-    assert cli.run(main, [], prog='python3 -m benchmarks.recipes') == 2
+    assert cli.guarded_main(main, [], prog='python3 -m benchmarks.recipes') == 2
     assert capsys.readouterr().err == 'python3 -m benchmarks.recipes: error: --steps must be at least 1 (got 0).\n'
 
 

@@ -5,13 +5,13 @@ import sys
 
 import pytest
 
-import cpu_fp16_matmul
 from conftest import REPO
+from plumbing import cpu_fp16_matmul
 
 # Runs in its own Python: the kernels it registers stay for the life of a process, and the
 # products before it must come from PyTorch's own kernels.
 COMPARE = r'''
-import json, torch, cpu_fp16_matmul
+import json, torch; from plumbing import cpu_fp16_matmul
 torch.manual_seed(0)
 a, b, bias = torch.randn(300, 96), torch.randn(96, 500), torch.randn(500)
 def products(dtype):
@@ -110,7 +110,7 @@ def test_fp16_on_a_cpu_without_fp16_arithmetic_uses_fp32_products_and_says_so_on
                        '--dry-run', '--epochs', 1, flag, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     expected = (f'Warning: this CPU has no fp16 arithmetic: {flag} runs its fp16 matrix products as fp32 products '
-                'rounded to fp16 (cpu_fp16_matmul.py) and is still slower than fp32 here; '
+                'rounded to fp16 (plumbing/cpu_fp16_matmul.py) and is still slower than fp32 here; '
                 '--bf16 is the fast low precision on a CPU.')
     assert proc.stdout.splitlines().count(expected) == (1 if used else 0), proc.stdout
     assert len(calls) == (1 if used else 0)

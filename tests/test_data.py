@@ -10,6 +10,7 @@ import torch
 
 import data
 from conftest import REPO, file_mode, temp_files, umask, write_corpus
+from plumbing import errors, wikitext
 
 
 def reference_tokens(paths):
@@ -131,7 +132,7 @@ def test_tokens_match_naive_reference_on_random_corpus(tmp_path):
 
 def assert_tokens_match_reference(directory):
     c = data.Corpus(str(directory))
-    ref_dict, ref_streams = reference_tokens([directory / f'{s}.txt' for s in data.SPLITS])
+    ref_dict, ref_streams = reference_tokens([directory / f'{s}.txt' for s in wikitext.SPLITS])
     assert c.dictionary.idx2word == ref_dict.idx2word
     assert [c.train.tolist(), c.valid.tolist(), c.test.tolist()] == ref_streams
 
@@ -147,7 +148,7 @@ def straddling(pieces, size):
 
 @pytest.mark.parametrize('size', [1, 2, 3, 7])
 def test_chunk_boundaries_inside_words_characters_and_crlf_do_not_change_tokens(tmp_path, monkeypatch, size):
-    monkeypatch.setattr(data, 'READ_CHUNK_BYTES', size)
+    monkeypatch.setattr(wikitext, 'READ_CHUNK_BYTES', size)
     train = straddling([
         ('split word\n', 3),            # inside a word
         ('zwei é 中 😀\n', 6),          # inside a 2-byte character ('zwei ' is 5 bytes) ...
@@ -171,7 +172,7 @@ def test_random_texts_tokenize_the_same_for_any_chunk_size(tmp_path, monkeypatch
     for _ in range(60):
         write_corpus(tmp_path, *(''.join(rng.choices(pieces, k=rng.randint(0, 40))) + 'w' for _ in range(3)))
         for size in (1, 2, 3, 5, 7):
-            monkeypatch.setattr(data, 'READ_CHUNK_BYTES', size)
+            monkeypatch.setattr(wikitext, 'READ_CHUNK_BYTES', size)
             assert_tokens_match_reference(tmp_path)
 
 
@@ -183,10 +184,10 @@ def test_random_texts_tokenize_the_same_for_any_chunk_size(tmp_path, monkeypatch
     (b'end \xf0\x9f\x98', 4),    # the file ends inside a character
 ])
 def test_bad_utf8_byte_offset_far_beyond_the_first_chunk(tmp_path, monkeypatch, size, bad, at):
-    monkeypatch.setattr(data, 'READ_CHUNK_BYTES', size)
+    monkeypatch.setattr(wikitext, 'READ_CHUNK_BYTES', size)
     good = 'w1 é 中 😀\r\n'.encode() * 1000
     write_corpus(tmp_path, 'a\n', 'b\n', good + bad)
-    with pytest.raises(data.DataError) as e:
+    with pytest.raises(errors.DataError) as e:
         data.Corpus(str(tmp_path))
     assert str(e.value) == f'{tmp_path / "test.txt"} is not UTF-8 text (bad byte at offset {len(good) + at}).'
 
@@ -198,16 +199,16 @@ def test_bad_utf8_byte_offset_far_beyond_the_first_chunk(tmp_path, monkeypatch, 
 ])
 @pytest.mark.parametrize('size', [1, 7, 4096])
 def test_the_first_of_a_nul_and_a_bad_byte_is_reported(tmp_path, monkeypatch, size, tail, error):
-    monkeypatch.setattr(data, 'READ_CHUNK_BYTES', size)
+    monkeypatch.setattr(wikitext, 'READ_CHUNK_BYTES', size)
     write_corpus(tmp_path, b'word ' * 4000 + tail, 'b\n', 'c\n')
-    with pytest.raises(data.DataError, match=error):
+    with pytest.raises(errors.DataError, match=error):
         data.Corpus(str(tmp_path))
 
 
 @pytest.mark.parametrize('content', ['one-line', 'nul'])
 def test_reading_holds_one_chunk_not_the_whole_line(tmp_path, monkeypatch, content):
     """4 MiB without a newline, read 64 KiB at a time: the peak is a small part of the file."""
-    monkeypatch.setattr(data, 'READ_CHUNK_BYTES', 1 << 16)
+    monkeypatch.setattr(wikitext, 'READ_CHUNK_BYTES', 1 << 16)
     size = 4 << 20
     if content == 'one-line':  # long words, so that the ids (8 bytes each) stay small too
         words = [f'{i:04d}' * 250 + ' ' for i in range(50)]
@@ -218,7 +219,7 @@ def test_reading_holds_one_chunk_not_the_whole_line(tmp_path, monkeypatch, conte
     tracemalloc.start()
     try:
         if content == 'nul':
-            with pytest.raises(data.DataError, match='NUL'):
+            with pytest.raises(errors.DataError, match='NUL'):
                 data.Corpus(str(tmp_path))
         else:
             c = data.Corpus(str(tmp_path))
@@ -269,7 +270,7 @@ def test_get_batch_target_is_input_shifted_by_one_row():
 
 def test_missing_directory(tmp_path):
     missing = tmp_path / 'nope'
-    with pytest.raises(data.DataError, match='nope') as e:
+    with pytest.raises(errors.DataError, match='nope') as e:
         data.Corpus(str(missing))
     assert str(missing) in str(e.value)
 
@@ -278,7 +279,7 @@ def test_missing_directory(tmp_path):
 def test_missing_split(tmp_path, split):
     write_corpus(tmp_path, 'a\n', 'b\n', 'c\n')
     (tmp_path / f'{split}.txt').unlink()
-    with pytest.raises(data.DataError) as e:
+    with pytest.raises(errors.DataError) as e:
         data.Corpus(str(tmp_path))
     assert str(tmp_path / f'{split}.txt') in str(e.value)
 
@@ -287,7 +288,7 @@ def test_missing_split(tmp_path, split):
 def test_empty_split_has_no_tokens(tmp_path, split):
     contents = {'train': 'a\n', 'valid': 'b\n', 'test': 'c\n', split: ''}
     write_corpus(tmp_path, contents['train'], contents['valid'], contents['test'])
-    with pytest.raises(data.DataError, match='no tokens') as e:
+    with pytest.raises(errors.DataError, match='no tokens') as e:
         data.Corpus(str(tmp_path))
     assert str(tmp_path / f'{split}.txt') in str(e.value)
 
@@ -300,14 +301,14 @@ def test_blank_lines_only_are_eos_tokens(tmp_path):
 
 def test_non_utf8_file(tmp_path):
     write_corpus(tmp_path, 'a b\n', b'good words\nbad \xff\xfe byte\n', 'c\n')
-    with pytest.raises(data.DataError, match='UTF-8') as e:
+    with pytest.raises(errors.DataError, match='UTF-8') as e:
         data.Corpus(str(tmp_path))
     assert str(tmp_path / 'valid.txt') in str(e.value)
 
 
 def test_nul_bytes(tmp_path):
     write_corpus(tmp_path, 'a b\n', 'c\n', b'x y\n\x00\x00\x00binary\n')
-    with pytest.raises(data.DataError, match='NUL') as e:
+    with pytest.raises(errors.DataError, match='NUL') as e:
         data.Corpus(str(tmp_path))
     assert str(tmp_path / 'test.txt') in str(e.value)
 
@@ -323,19 +324,19 @@ def _source_dir(tmp_path):
 def test_download_sha_mismatch_writes_nothing(tmp_path):
     src, url = _source_dir(tmp_path)
     dest = tmp_path / 'dest'
-    with pytest.raises(data.DataError, match='SHA-256'):
-        data.download_wikitext2(str(dest), url=url)
+    with pytest.raises(errors.DataError, match='SHA-256'):
+        wikitext.download_wikitext2(str(dest), url=url)
     assert not dest.exists() or list(dest.iterdir()) == []
 
 
 def test_download_writes_all_three_files(tmp_path, monkeypatch):
     src, url = _source_dir(tmp_path)
-    shas = {s: hashlib.sha256((src / f'{s}.txt').read_bytes()).hexdigest() for s in data.SPLITS}
-    monkeypatch.setattr(data, 'WIKITEXT2_SHA256', shas)
+    shas = {s: hashlib.sha256((src / f'{s}.txt').read_bytes()).hexdigest() for s in wikitext.SPLITS}
+    monkeypatch.setattr(wikitext, 'WIKITEXT2_SHA256', shas)
     dest = tmp_path / 'dest' / 'wikitext-2'
-    data.download_wikitext2(str(dest), url=url)
+    wikitext.download_wikitext2(str(dest), url=url)
     assert sorted(p.name for p in dest.iterdir()) == ['test.txt', 'train.txt', 'valid.txt']
-    for s in data.SPLITS:
+    for s in wikitext.SPLITS:
         assert (dest / f'{s}.txt').read_bytes() == (src / f'{s}.txt').read_bytes()
     c = data.Corpus(str(dest))
     assert words_of(c, c.train) == ['train', 'words', 'here', '<eos>']
@@ -345,24 +346,24 @@ def test_download_writes_all_three_files(tmp_path, monkeypatch):
 def test_download_writes_files_with_the_umasks_mode(mask, mode, tmp_path, monkeypatch):
     """Downloaded splits are ordinary files (0o666 & ~umask), written atomically: no temporary file left."""
     src, url = _source_dir(tmp_path)
-    shas = {s: hashlib.sha256((src / f'{s}.txt').read_bytes()).hexdigest() for s in data.SPLITS}
-    monkeypatch.setattr(data, 'WIKITEXT2_SHA256', shas)
+    shas = {s: hashlib.sha256((src / f'{s}.txt').read_bytes()).hexdigest() for s in wikitext.SPLITS}
+    monkeypatch.setattr(wikitext, 'WIKITEXT2_SHA256', shas)
     dest = tmp_path / 'dest'
     with umask(mask):
-        data.download_wikitext2(str(dest), url=url)
+        wikitext.download_wikitext2(str(dest), url=url)
     assert sorted(p.name for p in dest.iterdir()) == ['test.txt', 'train.txt', 'valid.txt']
-    assert {s: file_mode(dest / f'{s}.txt') for s in data.SPLITS} == {s: mode for s in data.SPLITS}
+    assert {s: file_mode(dest / f'{s}.txt') for s in wikitext.SPLITS} == {s: mode for s in wikitext.SPLITS}
     assert not temp_files(dest)
 
 
 def test_download_skips_files_already_present(tmp_path, monkeypatch):
     src, url = _source_dir(tmp_path)
-    shas = {s: hashlib.sha256((src / f'{s}.txt').read_bytes()).hexdigest() for s in data.SPLITS}
-    monkeypatch.setattr(data, 'WIKITEXT2_SHA256', shas)
+    shas = {s: hashlib.sha256((src / f'{s}.txt').read_bytes()).hexdigest() for s in wikitext.SPLITS}
+    monkeypatch.setattr(wikitext, 'WIKITEXT2_SHA256', shas)
     dest = tmp_path / 'dest'
     dest.mkdir()
     (dest / 'train.txt').write_text('my own train\n')
-    data.download_wikitext2(str(dest), url=url)
+    wikitext.download_wikitext2(str(dest), url=url)
     assert (dest / 'train.txt').read_text() == 'my own train\n'
     assert (dest / 'valid.txt').read_bytes() == (src / 'valid.txt').read_bytes()
 
@@ -370,8 +371,8 @@ def test_download_skips_files_already_present(tmp_path, monkeypatch):
 def test_download_unreachable_url(tmp_path):
     url = (tmp_path / 'does-not-exist').as_uri() + '/{split}.txt'
     dest = tmp_path / 'dest'
-    with pytest.raises(data.DataError, match='--data'):
-        data.download_wikitext2(str(dest), url=url)
+    with pytest.raises(errors.DataError, match='--data'):
+        wikitext.download_wikitext2(str(dest), url=url)
     assert not dest.exists() or list(dest.iterdir()) == []
 
 
@@ -382,7 +383,7 @@ def _wikitext2_dir():
     candidates = ([Path(env)] if env else []) + [REPO.parent / 'shared' / 'data' / 'wikitext-2',
                                                  REPO / 'data' / 'wikitext-2']
     for path in candidates:
-        if all((path / f'{s}.txt').is_file() for s in data.SPLITS):
+        if all((path / f'{s}.txt').is_file() for s in wikitext.SPLITS):
             return path
     return None
 
@@ -398,6 +399,6 @@ def test_real_wikitext2(tmp_path):
     assert c.dictionary.padding == [33278, 33279]
     # The pinned SHA-256 values are those of these files: a download from them succeeds.
     dest = tmp_path / 'wikitext-2'
-    data.download_wikitext2(str(dest), url=path.as_uri() + '/{split}.txt')
-    for s in data.SPLITS:
+    wikitext.download_wikitext2(str(dest), url=path.as_uri() + '/{split}.txt')
+    for s in wikitext.SPLITS:
         assert (dest / f'{s}.txt').read_bytes() == (path / f'{s}.txt').read_bytes()

@@ -8,10 +8,10 @@ import time
 
 import pytest
 import torch
-
-import distributed
-from conftest import ENV, REPO, describe, error_line
 from test_robustness import SMALL
+
+from conftest import ENV, REPO, describe, error_line
+from plumbing import distributed
 
 TIMINGS = {'elapsed', 'ms_per_batch', 'tokens_per_s', 'epoch_seconds'}
 # dropout 0: the ranks draw no random numbers, so 2 ranks must give one process's losses.

@@ -3,10 +3,9 @@ first line; words the model does not know are a usage error. A model trained on 
 16 words predicts the next word of that line, so a prompt makes its continuation predictable."""
 import pytest
 
-import checkpoint
-import cli
 import generate as generate_script
 from conftest import ENV, describe, error_line, run_script, write_corpus
+from plumbing import checkpoint, errors
 
 CYCLE = [f'w{i}' for i in range(16)]
 
@@ -75,7 +74,7 @@ def test_an_unknown_prompt_word_is_a_usage_error_naming_it(prompt, named, tmp_pa
 
 
 def test_the_unknown_word_error_points_at_unk_when_the_model_has_it():
-    with pytest.raises(cli.UsageError) as error:
+    with pytest.raises(errors.UsageError) as error:
         generate_script.prompt_ids(['a', 'b'], ['<unk>', 'a', '<pad0>'], {2}, 'model.pt')
     assert str(error.value) == ('--prompt: "b" is not in the vocabulary of model.pt; '
                                 '<unk> stands for the words it does not know.')

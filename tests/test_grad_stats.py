@@ -9,12 +9,11 @@ import sys
 import pytest
 import torch
 
-import checkpoint
-import cli
 import data
 import grad_stats
 from conftest import ENV, REPO, describe, error_line, make_tiny_corpus, run_script
 from model import RNNModel
+from plumbing import checkpoint, cli, wikitext
 
 SCALES = (1.0, 128.0, 65536.0)
 SUBNORMAL, NORMAL, MAX = 2.0 ** -24, 2.0 ** -14, 65504.0
@@ -120,7 +119,7 @@ def grad_stats_run(monkeypatch, capsys):
         args = [str(a) for a in args]
         capsys.readouterr()
         try:
-            code = cli.run(grad_stats.main, args)
+            code = cli.guarded_main(grad_stats.main, args)
         except SystemExit as e:
             code = e.code
         out, err = capsys.readouterr()
@@ -188,7 +187,7 @@ def test_bad_flags_are_one_sentence(grad_stats_run, tiny, args, needle):
 def test_words_the_vocabulary_lacks_are_an_error(grad_stats_run, tiny, tmp_path):
     other = tmp_path / 'other'
     other.mkdir()
-    for split in data.SPLITS:
+    for split in wikitext.SPLITS:
         (other / f'{split}.txt').write_text((tiny.data / f'{split}.txt').read_text())
     with open(other / 'train.txt', 'a') as f:
         f.write('w1 unseenword w2\n')

@@ -13,10 +13,10 @@ import zipfile
 import pytest
 import torch
 
-import checkpoint
 import data
 from conftest import ENV, REPO, error_line
 from model import build_model
+from plumbing import checkpoint
 
 NWORDS, WIDTH = 13, 8  # 13 words padded to 16; embedding and hidden width 8
 INFLATED = 256 * 2 ** 20  # what the deflated member inflates to (the file stays under 1 MB)
@@ -250,11 +250,11 @@ def test_resume_refuses_inflating_member(inflating_checkpoint, tmp_path, call_sc
 
 MEASURE_LOAD = textwrap.dedent('''
     import resource, sys
-    import checkpoint
+    from plumbing import checkpoint, errors
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     try:
         checkpoint.load_model(sys.argv[1])
-    except checkpoint.CheckpointError as e:
+    except errors.CheckpointError as e:
         print(e)
     print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)  # KiB -> MiB
 ''')

@@ -7,11 +7,11 @@ import sys
 
 import pytest
 import torch
+from test_robustness import SMALL
 
-import cli
 import training
 from conftest import ENV, describe, run_script
-from test_robustness import SMALL
+from plumbing import signals
 
 TIMINGS = {'elapsed', 'ms_per_batch', 'tokens_per_s', 'epoch_seconds'}  # differ from run to run
 FIELDS = {
@@ -73,7 +73,7 @@ def second_signal_at(n):
     def train_batch(*args):
         calls.append(1)
         if len(calls) == n:
-            raise cli.SecondSignal(signal.SIGINT)
+            raise signals.SecondSignal(signal.SIGINT)
         return real(*args)
     return train_batch
 

@@ -6,11 +6,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import checkpoint
 import data
-import onnx_export
-import training
 from conftest import describe, error_line, temp_files
+from plumbing import checkpoint, onnx_export, session
 
 ARGS = ['--emsize', 16, '--nhid', 16, '--batch_size', 8, '--bptt', 10, '--lr', 5, '--dropout', 0, '--epochs', 1,
         '--save', 'model.pt']
@@ -57,7 +55,7 @@ def test_an_unusable_path_fails_at_start_up(path, needle, tmp_path, call_script,
 
 def test_no_finished_epoch_means_nothing_to_export(tmp_path, capsys):
     args = SimpleNamespace(save=str(tmp_path / 'model.pt'), onnx_export=str(tmp_path / 'model.onnx'), bptt=10)
-    training.export_best_model(args, training.Progress())
+    session.export_best_model(args, session.Progress())
     out = capsys.readouterr().out
     assert out == f'| no epoch finished, so there is no best model to export to {args.onnx_export}\n'
     assert not list(tmp_path.iterdir())

@@ -11,6 +11,7 @@ import recipes
 import training
 from conftest import ENV, describe, error_line, run_script
 from model import RNNModel
+from plumbing import errors
 
 TRAIN_ARGS = ['--epochs', 2, '--emsize', 16, '--nhid', 16, '--batch_size', 8, '--bptt', 10,
               '--log-interval', 5, '--save', 'model.pt', '--lr', 5, '--dropout', 0]
@@ -169,7 +170,7 @@ def test_unscaled_divergence_raises(mode):
     before = [p.detach().clone() for p in model.parameters()]
     model.decoder.weight.register_hook(lambda g: torch.full_like(g, math.nan))
     inputs, targets = tiny_batch()
-    with pytest.raises(recipes.TrainingDiverged):
+    with pytest.raises(errors.TrainingDiverged):
         training.train_batch(model, r, inputs, targets, model.init_hidden(3))
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
@@ -181,5 +182,5 @@ def test_amp_non_finite_loss_raises():
     r = recipe(model, 'amp')
     with torch.no_grad():
         model.decoder.bias[0] = math.inf
-    with pytest.raises(recipes.TrainingDiverged):
+    with pytest.raises(errors.TrainingDiverged):
         training.train_batch(model, r, *tiny_batch(), model.init_hidden(3))

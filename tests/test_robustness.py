@@ -12,7 +12,7 @@
 - corpora that cannot be used are refused with one clear line naming the file;
 - the same seed and flags print the same losses.
 
-The error cases run in this process: conftest's call_script calls cli.run(SCRIPT.main, ARGS) in
+The error cases run in this process: conftest's call_script calls cli.guarded_main(SCRIPT.main, ARGS) in
 the case's directory, which is what `python SCRIPT ARGS` runs, so a case costs milliseconds
 instead of a torch import. test_real_script_error_path checks that real processes fail the same
 way (also with a package printing warnings at start-up). Training runs, --resume runs and
@@ -34,9 +34,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ENV, REPO, describe, error_line, run_script, structured_text, temp_files
 
-import checkpoint
+from conftest import ENV, REPO, describe, error_line, run_script, structured_text, temp_files
+from plumbing import checkpoint
 
 SPLITS = ('train', 'valid', 'test')
 

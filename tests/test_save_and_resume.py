@@ -9,11 +9,11 @@ import subprocess
 
 import pytest
 import torch
+from test_robustness import SMALL, finish, progress_by_epoch, read_until, start_training
 
-import checkpoint
 import training
 from conftest import ENV, describe, error_line, run_script, temp_files
-from test_robustness import SMALL, finish, progress_by_epoch, read_until, start_training
+from plumbing import checkpoint, session
 
 
 def files_of(directory):
@@ -167,7 +167,7 @@ def test_resume_refuses_a_tampered_field_before_training(field, tmp_path, call_s
                        cwd=tmp_path)
     line = error_line(proc, 'main.py', 1)
     assert line.startswith(f'main.py: error: model.pt.resume is damaged or incompatible: '), line
-    if field in training.Progress.__dataclass_fields__:
+    if field in {*session.Progress.__dataclass_fields__, *session.Line.__dataclass_fields__}:
         assert f'its progress field {field} is ' in line, line
     assert '| epoch' not in proc.stdout
 

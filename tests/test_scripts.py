@@ -11,9 +11,9 @@ import threading
 import pytest
 import torch
 
-import checkpoint
 import data
 from conftest import ENV, REPO, describe, error_line, file_mode, run_script, temp_files
+from plumbing import checkpoint
 
 TRAIN_ARGS = ['--epochs', 2, '--emsize', 16, '--nhid', 16, '--batch_size', 8, '--bptt', 10,
               '--log-interval', 5, '--save', 'model.pt', '--lr', 5, '--dropout', 0]
@@ -283,7 +283,7 @@ def test_main_cuda_without_cuda(tmp_path, call_script, corpus_dir):
 def test_static_loss_scale_warning_and_default(flags, scale, warned, capsys):
     """--static-loss-scale defaults to 128 with --fp16, else 1; a scale the user gave without --fp16
     is reset to 1 with a warning; no warning otherwise."""
-    import cli
+    from plumbing import cli
     args = cli.training_parser('test').parse_args(['--data', '.', *flags])
     assert args.static_loss_scale == (float(flags[flags.index('--static-loss-scale') + 1])
                                       if '--static-loss-scale' in flags else None)

@@ -24,12 +24,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ENV, REPO, describe, error_line, temp_files, write_corpus
 from test_robustness import assert_whole_json_lines, read_until
 
-import checkpoint
-import cli
+from conftest import ENV, REPO, describe, error_line, temp_files, write_corpus
 from model import RNNModel
+from plumbing import checkpoint, cli, errors, signals
 
 SMALL = ['--emsize', 16, '--nhid', 16, '--batch_size', 8, '--bptt', 10, '--log-interval', 5,
          '--lr', 5, '--dropout', 0.2, '--save', 'model.pt']
@@ -223,8 +222,8 @@ class InterruptedWrite(io.RawIOBase):
 
 
 @pytest.mark.parametrize('error, rc, stderr', [
-    (cli.SecondSignal(signal.SIGINT), 130, ''),
-    (cli.Interrupted(signal.SIGTERM), 143, 'main.py: error: interrupted by SIGTERM before anything was saved.\n'),
+    (signals.SecondSignal(signal.SIGINT), 130, ''),
+    (signals.Interrupted(signal.SIGTERM), 143, 'main.py: error: interrupted by SIGTERM before anything was saved.\n'),
 ], ids=['second-signal', 'interrupted'])
 def test_a_signal_is_found_behind_the_runtime_error_of_torch_save(error, rc, stderr, monkeypatch, capsys):
     """torch.save's zip writer raises a RuntimeError of its own while the signal's exception propagates;
@@ -233,10 +232,10 @@ def test_a_signal_is_found_behind_the_runtime_error_of_torch_save(error, rc, std
         try:
             torch.save({'weights': torch.zeros(1000)}, InterruptedWrite(error))
         except RuntimeError:
-            raise checkpoint.CheckpointError('model.pt is corrupt.') from None
+            raise errors.CheckpointError('model.pt is corrupt.') from None
 
     monkeypatch.setattr(sys, 'argv', ['/some/dir/main.py'])
-    assert cli.run(main) == rc
+    assert cli.guarded_main(main) == rc
     assert capsys.readouterr().err == stderr
 
 

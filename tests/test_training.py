@@ -4,18 +4,18 @@ import argparse
 import contextlib
 import dataclasses
 import re
+import signal
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-import checkpoint
 import data
-import distributed
 import recipes
 import training
-from metrics import MetricsFile
 from model import RNNModel
+from plumbing import checkpoint, distributed, errors
+from plumbing.session import Line, Progress, Session
 
 NTOKEN = 24
 
@@ -24,6 +24,10 @@ class SkippingRecipe:
     """SGD that skips the updates of the given (1-based) steps, halving its loss scale as it does."""
 
     name = 'skipping'
+    optimizer_name = 'SGD'
+
+    def describe(self):
+        return 'skipping'
 
     def __init__(self, model, skip, loss_scale=64.0):
         self.optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -45,23 +49,25 @@ class SkippingRecipe:
         return True
 
 
-def tiny_run(nbatches=6, log_interval=2):
+def tiny_setup(tmp_path, nbatches=6, log_interval=2):
     torch.manual_seed(0)
-    args = argparse.Namespace(batch_size=2, bptt=3, log_interval=log_interval, dry_run=False)
+    args = argparse.Namespace(batch_size=2, bptt=3, log_interval=log_interval, dry_run=False, resume=None,
+                              save=str(tmp_path / 'model.pt'), onnx_export='', epochs=1)
     stream = torch.randint(NTOKEN, (2 * (3 * nbatches + 1),))
     train_data = data.batchify(stream, 2)
     model = RNNModel('LSTM', NTOKEN, 8, 8, 1, dropout=0.0)
-    run = SimpleNamespace(args=args, model=model, parallel_model=model, world=distributed.World(),
-                          train_data=train_data, device=torch.device('cpu'),
-                          batch_starts=range(0, train_data.size(0) - 1, args.bptt))
-    assert len(run.batch_starts) == nbatches
-    return run
+    setup = SimpleNamespace(args=args, model=model, world=distributed.World(), train_data=train_data,
+                            device=torch.device('cpu'), batch_starts=range(0, train_data.size(0) - 1, args.bptt),
+                            ntokens=NTOKEN, corpus=SimpleNamespace(train=stream))
+    assert len(setup.batch_starts) == nbatches
+    return setup
 
 
 @pytest.fixture
-def metrics(tmp_path):
-    with MetricsFile(tmp_path / 'model.pt.metrics.jsonl') as f:
-        yield f
+def open_session(tmp_path):
+    """open_session(setup, recipe): a Session entered for the test (its lock, stop handling and metrics file)."""
+    with contextlib.ExitStack() as stack:
+        yield lambda setup, recipe: stack.enter_context(Session(setup, recipe))
 
 
 def periodic_skips(out):
@@ -69,11 +75,14 @@ def periodic_skips(out):
 
 
 @pytest.mark.parametrize('loss_scale', [64.0, None])
-def test_train_epoch_counts_and_reports_skipped_updates(loss_scale, capsys, metrics):
-    run = tiny_run()
-    recipe = SkippingRecipe(run.model, skip={2, 3, 6}, loss_scale=loss_scale)
-    progress = training.Progress(epoch=4, skipped=5)  # 5 skipped in earlier epochs
-    training.train_epoch(run, recipe, progress, SimpleNamespace(requested=False), metrics)
+def test_train_epoch_counts_and_reports_skipped_updates(loss_scale, capsys, open_session, tmp_path):
+    setup = tiny_setup(tmp_path)
+    recipe = SkippingRecipe(setup.model, skip={2, 3, 6}, loss_scale=loss_scale)
+    session = open_session(setup, recipe)
+    progress = session.progress
+    # 5 skipped in earlier epochs
+    progress.epoch, progress.skipped = 4, 5
+    assert training.train_epoch(setup, recipe, progress, session)
     out = capsys.readouterr().out
     skips = [line for line in out.splitlines() if line.startswith('| gradients are not finite')]
     if loss_scale is None:
@@ -88,56 +97,62 @@ def test_train_epoch_counts_and_reports_skipped_updates(loss_scale, capsys, metr
     assert (progress.next_batch, progress.epoch) == (6, 4)
 
 
-def test_train_epoch_without_skips_counts_none(capsys, metrics):
-    run = tiny_run()
-    progress = training.Progress()
-    training.train_epoch(run, SkippingRecipe(run.model, skip=()), progress, SimpleNamespace(requested=False),
-                         metrics)
+def test_train_epoch_without_skips_counts_none(capsys, open_session, tmp_path):
+    setup = tiny_setup(tmp_path)
+    recipe = SkippingRecipe(setup.model, skip=())
+    session = open_session(setup, recipe)
+    training.train_epoch(setup, recipe, session.progress, session)
     out = capsys.readouterr().out
     assert 'not finite' not in out
-    assert progress.skipped == 0 and periodic_skips(out) == [0, 0, 0]
+    assert session.progress.skipped == 0 and periodic_skips(out) == [0, 0, 0]
 
 
 def progress_lines(out):
     """The periodic progress lines, with the timing columns (ms/batch, tok/s, eta) blanked."""
-    return [re.sub(r'(ms/batch|tok/s|eta) +[\d.]+s?', r'\1 _', line) for line in out.splitlines() if line.startswith('| epoch')]
+    return [re.sub(r'(ms/batch|tok/s|eta) +[\d.]+s?', r'\1 _', line) for line in out.splitlines()
+            if line.startswith('| epoch')]
 
 
-def test_train_epoch_stops_when_asked_and_continues_with_the_same_lines(capsys, metrics):
+def test_train_epoch_stops_when_asked_and_continues_with_the_same_lines(capsys, open_session, tmp_path):
     """A stop request ends the epoch after the current batch; train_epoch with the same progress
     continues from the next batch, carrying on the hidden state, the skip count and the progress
     line being summed: it prints the lines of an uninterrupted epoch, skipped counts included."""
-    run = tiny_run(log_interval=4)
-    training.train_epoch(run, SkippingRecipe(run.model, skip={1, 3}), training.Progress(),
-                         SimpleNamespace(requested=False), metrics)
+    setup = tiny_setup(tmp_path / 'a', log_interval=4)
+    (tmp_path / 'a').mkdir()
+    recipe = SkippingRecipe(setup.model, skip={1, 3})
+    session = open_session(setup, recipe)
+    training.train_epoch(setup, recipe, session.progress, session)
     uninterrupted = progress_lines(capsys.readouterr().out)
     assert len(uninterrupted) == 1 and uninterrupted[0].endswith('| skipped 2'), uninterrupted
 
-    run = tiny_run(log_interval=4)
-    recipe = SkippingRecipe(run.model, skip={1, 3})
-    progress = training.Progress()
-    stop = SimpleNamespace(requested=False)
+    setup = tiny_setup(tmp_path, log_interval=4)
+    recipe = SkippingRecipe(setup.model, skip={1, 3})
+    session = open_session(setup, recipe)
+    progress = session.progress
     calls = []
     original = training.train_batch
 
     def train_batch(*args):
         calls.append(args[2].clone())
         if len(calls) == 2:
-            stop.requested = True
+            session.stop.signum = signal.SIGINT
         return original(*args)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(training, 'train_batch', train_batch)
-        training.train_epoch(run, recipe, progress, stop, metrics)
+        assert not training.train_epoch(setup, recipe, progress, session)
         assert progress.next_batch == 2 and progress.hidden is not None and progress.skipped == 1
-        assert (progress.line_start, progress.line_tokens) == (0, 2 * 2 * 3) and progress.line_loss > 0
-        assert not progress_lines(capsys.readouterr().out)  # the line spanning the stop is printed once, after it
-        stop.requested = False
-        training.train_epoch(run, recipe, progress, stop, metrics)
+        line = session.line
+        assert (line.line_start, line.line_tokens) == (0, 2 * 2 * 3) and line.line_loss > 0
+        # the line spanning the stop is printed once, after it
+        assert not progress_lines(capsys.readouterr().out)
+        session.stop.signum = None
+        session.start_line()
+        assert training.train_epoch(setup, recipe, progress, session)
     assert progress.next_batch == 6 and progress.skipped == 2
     assert progress_lines(capsys.readouterr().out) == uninterrupted
     assert len(calls) == 6
-    expected = [data.get_batch(run.train_data, i, 3)[0] for i in run.batch_starts]
+    expected = [data.get_batch(setup.train_data, i, 3)[0] for i in setup.batch_starts]
     assert all(torch.equal(a, b) for a, b in zip(calls, expected))
 
 
@@ -154,22 +169,22 @@ def test_save_resume_round_trip(tmp_path):
     recipe.scaler.scale(torch.ones(()))  # (GradScaler makes its scale on first use)
     recipe.scaler.update(1024.0)
     hidden = model.init_hidden(2)
-    progress = training.Progress(epoch=3, next_batch=4, hidden=hidden, best_val_loss=2.5, skipped=7, epoch_skipped=2,
-                                 line_start=2, line_loss=9.25, line_tokens=12, line_seconds=0.5)
+    saved = {**dataclasses.asdict(Progress(epoch=3, next_batch=4, hidden=hidden, best_val_loss=2.5, skipped=7,
+                                           epoch_skipped=2)),
+             **dataclasses.asdict(Line(line_start=2, line_loss=9.25, line_tokens=12, line_seconds=0.5)),
+             'elapsed': 1.5, 'metrics_bytes': 10}
     path = str(tmp_path / 'model.pt.resume')
-    checkpoint.save_resume(path, model, dictionary, args, recipe, dataclasses.asdict(progress),
-                           [checkpoint.rng_state(torch.device('cpu'))])
+    checkpoint.save_resume(path, model, dictionary, args, recipe, saved, [checkpoint.rng_state(torch.device('cpu'))])
     rng_after_save = torch.get_rng_state()
     expected_draw = torch.rand(3)
 
     torch.manual_seed(1)
     other = RNNModel('LSTM', NTOKEN, 8, 8, 1, dropout=0.0)
     other_recipe = recipes.AutocastRecipe(other, 2.0, 1.0, torch.float16)
-    fields = [f.name for f in dataclasses.fields(training.Progress)]
+    fields = list(saved)
     restored = checkpoint.load_resume(path, other, dictionary, args, other_recipe, fields, nbatches=5)
     assert torch.equal(torch.get_rng_state(), rng_after_save) and torch.equal(torch.rand(3), expected_draw)
-    assert restored.keys() == {f.name for f in dataclasses.fields(training.Progress)}
-    saved = dataclasses.asdict(progress)
+    assert restored.keys() == saved.keys()
     assert {k: v for k, v in restored.items() if k != 'hidden'} == {k: v for k, v in saved.items() if k != 'hidden'}
     assert all(torch.equal(a, b) for a, b in zip(restored['hidden'], hidden))
     assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), model.state_dict().values()))
@@ -179,5 +194,5 @@ def test_save_resume_round_trip(tmp_path):
 
     # the same flags with another recipe: refused, with both short names
     bf16 = recipes.AutocastRecipe(other, 0.5, 1.0, torch.bfloat16)
-    with pytest.raises(checkpoint.CannotResume, match=r'the precision recipe was amp, now bf16\.$'):
+    with pytest.raises(errors.CannotResume, match=r'the precision recipe was amp, now bf16\.$'):
         checkpoint.load_resume(path, other, dictionary, args, bf16, fields, nbatches=5)

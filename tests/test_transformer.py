@@ -6,15 +6,15 @@ import signal
 
 import pytest
 import torch
+from test_robustness import end_line, progress_by_epoch, weights_equal
 
-import checkpoint
 import recipes
 import training
 from conftest import describe, error_line
 from main import ManualFP16Recipe
 from main_fp16_optimizer import FP16OptimizerRecipe
 from model import TransformerModel
-from test_robustness import end_line, progress_by_epoch, weights_equal
+from plumbing import checkpoint, session
 
 TRANSFORMER = ['--model', 'Transformer', '--emsize', 16, '--nhid', 32, '--nhead', 2, '--nlayers', 2,
                '--batch_size', 8, '--bptt', 10, '--log-interval', 5, '--lr', 5, '--save', 'model.pt']
@@ -135,7 +135,8 @@ def test_resume_continues_a_transformer_run_exactly(corpus_dir, tmp_path, call_s
 
 def test_transformer_progress_never_holds_a_hidden_state():
     """check_progress: a Transformer run (initial hidden None) resumes mid-epoch with hidden None, never a tensor."""
-    progress = dataclasses.asdict(training.Progress(next_batch=5, line_start=5))
+    progress = {**dataclasses.asdict(session.Progress(next_batch=5)), **dataclasses.asdict(session.Line(line_start=5)),
+                'elapsed': 0.0, 'metrics_bytes': 0}
     checkpoint.check_progress(progress, nbatches=38, initial_hidden=None)
     progress['hidden'] = torch.zeros(2, 8, 16)
     with pytest.raises(ValueError, match='its progress field hidden is a torch.float32 tensor'):
