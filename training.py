@@ -85,9 +85,7 @@ def train(setup, recipe):
                 progress.best_val_loss = val_loss
                 session.save_best_model(val_loss)
             else:
-                # No improvement on validation: anneal the learning rate.
-                for group in recipe.optimizer.param_groups:
-                    group['lr'] /= 4.0
+                anneal(recipe.optimizer)
             session.end_epoch(val_loss, time.time() - epoch_start)
         session.after_training()
         # The best model is rank 0's file: rank 0 alone tests it.
@@ -98,6 +96,12 @@ def train(setup, recipe):
             print('=' * 89, flush=True)
             session.finish(test_loss)
     return session.exit_code
+
+
+def anneal(optimizer):
+    """No improvement on validation: divide the learning rate by 4."""
+    for group in optimizer.param_groups:
+        group['lr'] /= 4.0
 
 
 # ---------------------------------------------------------------- train an epoch
