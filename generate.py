@@ -4,8 +4,6 @@ The vocabulary comes from the checkpoint; padding words (added only to round the
 vocabulary up to a multiple of 8) are never sampled. With --prompt the model reads the
 prompt's words first and continues them; --outf holds the prompt on its first line.
 """
-import argparse
-import os
 import signal
 import sys
 
@@ -19,7 +17,7 @@ from plumbing.signals import StopRequest
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description='Generate text with a trained word-level language model')
+    p = cli.ArgumentParser(description='Generate text with a trained word-level language model')
     p.add_argument('--data', type=str, default='./data/wikitext-2',
                    help="accepted for apex's command lines; unused, the vocabulary comes from the checkpoint")
     p.add_argument('--checkpoint', type=str, default='./model.pt', help='checkpoint written by a training script')
@@ -45,8 +43,7 @@ def parse_args(argv):
         raise UsageError(f'--context must be between 1 and {TransformerModel.MAX_LEN} (got {args.context}).')
     cli.check_seed(args.seed)
     cli.check_output_file('--outf', args.outf, [('--checkpoint', args.checkpoint)])
-    if not os.path.isfile(args.checkpoint):
-        raise UsageError(f'--checkpoint {args.checkpoint}: no such file.')
+    cli.check_checkpoint_file(args.checkpoint)
     return args
 
 
@@ -105,6 +102,8 @@ def prompt_ids(prompt_words, idx2word, padding, checkpoint_path):
     if unknown:
         quoted = ', '.join(f'"{word}"' for word in unknown)
         hint = '; <unk> stands for the words it does not know' if '<unk>' in known else ''
+        if any(not word.isalnum() and len(word) > 1 for word in unknown):
+            hint += '; WikiText writes punctuation as words of their own ("city ," not "city,")'
         raise UsageError(f"--prompt: {quoted} {'is' if len(unknown) == 1 else 'are'} not in the vocabulary "
                              f'of {checkpoint_path}{hint}.')
     return [known[word] for word in prompt_words]

@@ -26,7 +26,6 @@ missing in the gradients computed from them, so the losses compound.
 
     python grad_stats.py --checkpoint model.pt --out grad_stats.png
 """
-import argparse
 import math
 import os
 import sys
@@ -55,7 +54,7 @@ PLOT_SCALE = 128  # the picture shows the histogram at scale 1 and shifted by lo
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description='The share of gradients fp16 would flush to zero, keep as subnormals '
+    p = cli.ArgumentParser(description='The share of gradients fp16 would flush to zero, keep as subnormals '
                                             'or overflow, at several loss scales, for a trained model')
     p.add_argument('--checkpoint', type=str, default='./model.pt', help='best-model checkpoint written by a training script')
     p.add_argument('--data', type=str, default=wikitext.DEFAULT_DATA,
@@ -74,8 +73,7 @@ def parse_args(argv):
     cli.check_at_least_1(args, ('--batches', '--batch_size', '--bptt'))
     args.scales = parse_scales(args.scales)
     cli.check_seed(args.seed)
-    if not os.path.isfile(args.checkpoint):
-        raise UsageError(f'--checkpoint {args.checkpoint}: no such file.')
+    cli.check_checkpoint_file(args.checkpoint)
     if not cli.uses_default_data(args.data) and not os.path.isdir(args.data):
         raise UsageError(f'--data {args.data}: no such directory.')
     if args.out is not None:

@@ -79,8 +79,7 @@ class ManualFP16Recipe:
 
 
 def main(argv=None):
-    args = cli.training_parser('PyTorch WikiText-2 RNN/LSTM language model (manual fp16 recipe)').parse_args(argv)
-    cli.check_training_args(args)
+    args = cli.parse_training_args(cli.training_parser('PyTorch WikiText-2 RNN/LSTM language model (manual fp16 recipe)'), argv)
     setup = training.Setup(args)
     if args.fp16:
         recipe = ManualFP16Recipe(setup.model, args.lr, args.clip, args.static_loss_scale, args.use_optimizer)

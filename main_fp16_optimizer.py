@@ -67,8 +67,7 @@ def main(argv=None):
     parser = cli.training_parser('PyTorch WikiText-2 RNN/LSTM language model (FP16_Optimizer recipe)')
     parser.add_argument('--dynamic-loss-scale', action='store_true',
                         help='use a dynamic loss scale (supersedes --static-loss-scale)')
-    args = parser.parse_args(argv)
-    cli.check_training_args(args)
+    args = cli.parse_training_args(parser, argv)
     if args.dynamic_loss_scale and not args.fp16:
         print('Warning: --dynamic-loss-scale only applies with --fp16; ignoring it')
     setup = training.Setup(args)

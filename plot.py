@@ -7,7 +7,6 @@ there first), the same against epochs (does it get as far per update), and the l
 against steps for the recipes that scale the loss. Needs matplotlib
 (pip install -r requirements-plot.txt).
 """
-import argparse
 import json
 import os
 import sys
@@ -94,7 +93,7 @@ def color_cycle():
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cli.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('metrics', nargs='+', help='SAVE.metrics.jsonl files, one per run')
     p.add_argument('--out', default='curves.png', help='the PNG to write (default curves.png)')
     args = p.parse_args(argv)

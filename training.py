@@ -20,7 +20,7 @@ from plumbing import startup
 from plumbing.chunked_cross_entropy import chunked_cross_entropy
 from plumbing.errors import TrainingDiverged
 from plumbing.metrics import ppl
-from plumbing.session import Session
+from plumbing.session import Session, reported
 
 EVAL_BATCH_SIZE = 10
 
@@ -54,7 +54,7 @@ class Setup:
         if self.world.size > 1:
             # Each rank drops out other units.
             torch.manual_seed((args.seed + self.world.rank) % 2 ** 64)
-        if args.fp16 and (args.emsize % 8 or args.nhid % 8 or args.batch_size % 8):
+        if args.fp16 and self.device.type == 'cuda' and (args.emsize % 8 or args.nhid % 8 or args.batch_size % 8):
             print(f'Warning: emsize = {args.emsize}, nhid = {args.nhid}, batch_size = {args.batch_size} '
                   "should all be multiples of 8 to ensure Tensor Core use for the RNN's GEMMs.")
 
@@ -158,7 +158,8 @@ def evaluate(model, source, bptt, autocast, one_batch=False):
     total = torch.zeros((), device=source.device)
     hidden = model.init_hidden(source.size(1))
     with torch.no_grad():
-        for i in range(0, source.size(0) - 1, bptt):
+        # A line every 10 s says how long is left, where evaluation takes long.
+        for i in reported(range(0, source.size(0) - 1, bptt), 'evaluating'):
             inputs, targets = data.get_batch(source, i, bptt)
             with autocast():
                 output, hidden = model(inputs, hidden)

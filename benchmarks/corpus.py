@@ -72,7 +72,7 @@ def drop_page_cache():
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument('--data', default=wikitext.DEFAULT_DATA, help='directory holding train.txt, valid.txt and test.txt')
     parser.add_argument('--repeats', type=int, default=3, help='loads of each method, alternating')
     parser.add_argument('--scale', type=int, default=0,

@@ -9,7 +9,6 @@ On a CPU without fp16 arithmetic (AMD Zen 4) nearly all of the fp16 step is aten
 aten::addmm: fp16 matrix products there have no BLAS kernel to go to. The third step is
 profiled after cpu_fp16_matmul.use_fp32_products(), which the scripts use on such a CPU.
 """
-import argparse
 import sys
 import time
 
@@ -46,7 +45,7 @@ def profile_step(recipe_name, args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    p = cli.ArgumentParser(prog=PROG, description='Profile one manual-fp16 training step on the CPU beside one fp32 step.')
     p.add_argument('--nhid', type=int, default=128, help='LSTM and embedding width')
     p.add_argument('--ntokens', type=int, default=33280, help="vocabulary size (WikiText-2's, padded to 8)")
     p.add_argument('--batch_size', type=int, default=24)

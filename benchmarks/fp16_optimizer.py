@@ -5,7 +5,6 @@ Run from the repository root:
     python3 -m benchmarks.fp16_optimizer            # apex's model: 1504/1504 LSTM, vocab 33,280
     python3 -m benchmarks.fp16_optimizer --cuda --steps 50
 """
-import argparse
 import sys
 import time
 
@@ -55,7 +54,7 @@ def time_updates(update, grads_to_model, steps, device):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog=PROG,
+    p = cli.ArgumentParser(prog=PROG,
                                 description='Time one fp16 optimizer update, fused against per-parameter sync.')
     p.add_argument('--emsize', type=int, default=1504, help='word embedding width')
     p.add_argument('--nhid', type=int, default=1504, help='hidden state width of each of the 2 LSTM layers')

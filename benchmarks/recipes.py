@@ -208,7 +208,7 @@ def print_table(report):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog=PROG, description='Time the training step of every precision recipe.')
+    p = cli.ArgumentParser(prog=PROG, description='Time the training step of every precision recipe.')
     p.add_argument('--small', action='store_true', help="LSTM 200/200, batch 20 instead of apex's 1504/1504, 24")
     p.add_argument('--smoke', action='store_true', help='tiny model, 2 steps: checks that every recipe runs')
     p.add_argument('--model', default='LSTM', help=', '.join(MODEL_TYPES))

@@ -238,12 +238,13 @@ def describe_error(e):
 
 # --resume continues the saved run exactly, so every flag must be as it was saved, except these,
 # which change neither the model nor the numbers it computes.
-RESUME_MAY_CHANGE = ('epochs', 'save', 'log_interval', 'data', 'cuda', 'accel', 'resume', 'onnx_export')
+RESUME_MAY_CHANGE = ('epochs', 'save', 'log_interval', 'data', 'cuda', 'accel', 'resume', 'onnx_export', 'size')
 
 
 def may_change_flags():
-    """RESUME_MAY_CHANGE as the user types the flags: '--epochs, ... and --onnx-export' (--resume goes without saying)."""
-    flags = [flag_name(dest) for dest in RESUME_MAY_CHANGE if dest != 'resume']
+    """RESUME_MAY_CHANGE as the user types the flags: '--epochs, ... and --onnx-export' (--resume goes without
+    saying; --size only names the values of other flags, which are compared)."""
+    flags = [flag_name(dest) for dest in RESUME_MAY_CHANGE if dest not in ('resume', 'size')]
     return ', '.join(flags[:-1]) + ' and ' + flags[-1]
 
 
@@ -264,6 +265,17 @@ def save_resume(path, model, dictionary, args, recipe, progress, rng_states):
     ckpt['resume'] = {'progress': progress, 'recipe': recipe.name, 'recipe_state': recipe.state_dict(),
                       'rng': rng_states}
     save(ckpt, path)
+
+
+def load_resume_flags(path):
+    """The flags saved in the resume checkpoint at path (a dict of flag names, as argparse calls them, and values)."""
+    ckpt = load(path)
+    if 'resume' not in ckpt:
+        raise CannotResume(f'{path} is a best-model checkpoint, not a resume checkpoint (those are named SAVE.resume).')
+    flags = ckpt.get('args')
+    if not (isinstance(flags, dict) and all(isinstance(name, str) for name in flags)):
+        raise CheckpointError(f'{path} is damaged or incompatible: its flags are not a dict of names and values.')
+    return flags
 
 
 def load_resume(path, model, dictionary, args, recipe, progress_fields, nbatches, rank=0, world_size=1):

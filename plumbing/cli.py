@@ -8,7 +8,7 @@ import sys
 import torch
 
 from model import MODEL_TYPES, TransformerModel
-from plumbing import distributed, onnx_export, wikitext
+from plumbing import checkpoint, distributed, onnx_export, wikitext
 from plumbing.errors import ExampleError, UsageError, exception_chain
 from plumbing.files import temp_name
 from plumbing.signals import Interrupted, SignalExit, install_guards
@@ -63,12 +63,33 @@ def call_main(main, argv, prog):
 
 # ---------------------------------------------------------------- training flags
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with every default shown in --help, and a bad flag as one line ('PROG: error: ...', exit 2)
+    instead of the usage block, which -h shows."""
+
+    def __init__(self, **kwargs):
+        super().__init__(formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+
+    def error(self, message):
+        raise UsageError(f'{message}; see {self.prog} -h.')
+
+
+# The model and schedule --size names; flags given on the command line keep their own values.
+SIZES = {
+    'apex': {},
+    'cpu': {'emsize': 200, 'nhid': 200, 'dropout': 0.2, 'batch_size': 20, 'epochs': 6},
+}
+
+
 def training_parser(description):
-    p = argparse.ArgumentParser(description=description)
+    p = ArgumentParser(description=description)
     p.add_argument('--data', type=str, default=wikitext.DEFAULT_DATA,
                    help='directory holding train.txt, valid.txt and test.txt; '
                         'WikiText-2 is downloaded there if it is the default and missing')
     p.add_argument('--model', type=str, default='LSTM', help=f'model type: {", ".join(MODEL_TYPES)}')
+    p.add_argument('--size', choices=('apex', 'cpu', 'auto'), default='apex',
+                   help="apex's model and schedule (the defaults below); cpu: --emsize 200 --nhid 200 --dropout 0.2 "
+                        '--batch_size 20 --epochs 6; auto: apex on an accelerator, else cpu')
     p.add_argument('--emsize', type=int, default=1504, help='word embedding width')
     p.add_argument('--nhid', type=int, default=1504, help='hidden state width of each RNN layer')
     p.add_argument('--nlayers', type=int, default=2, help='how many RNN layers are stacked')
@@ -91,16 +112,55 @@ def training_parser(description):
     precision.add_argument('--bf16', action='store_true',
                            help='fp32 weights, forward under torch.autocast(bfloat16), no loss scaling')
     p.add_argument('--static-loss-scale', type=float, default=None,
-                   help='static loss scale for --fp16 (default 128); powers of 2 keep the scaling exact')
+                   help='static loss scale for --fp16 (unset: 128 with --fp16, else 1); '
+                        'powers of 2 keep the scaling exact')
     p.add_argument('--resume', type=str, default=None, metavar='CHECKPOINT',
-                   help='continue the run saved in CHECKPOINT (SAVE.resume, written after every epoch and on Ctrl-C)')
+                   help='continue the run saved in CHECKPOINT (SAVE.resume, written after every epoch and on Ctrl-C), '
+                        'with the flags saved there')
     p.add_argument('--nhead', type=int, default=2, help='attention heads in each layer of --model Transformer')
     p.add_argument('--use-optimizer', action='store_true', help='update with AdamW (lr as given) instead of plain SGD')
     p.add_argument('--dry-run', action='store_true',
-                   help='one batch of training and of evaluation per epoch, to check the code and the model quickly')
+                   help='one batch of training and of evaluation per epoch, to check the code and the model quickly; '
+                        'writes --save and SAVE.metrics.jsonl, no SAVE.resume')
     p.add_argument('--onnx-export', type=str, default='', metavar='PATH',
                    help='after training, export the best model to ONNX at PATH (fp32; needs requirements-onnx.txt)')
     return p
+
+
+def parse_training_args(parser, argv):
+    """The flags of a training script, checked: those argv gives; with --resume, the others from the flags saved
+    in the resume file (a resumed run continues the saved one); else with --size, the size's values; else defaults."""
+    defaults = vars(parser.parse_args([]))
+    given = vars(parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(defaults, NOT_GIVEN))))
+    if given['resume'] is not NOT_GIVEN:
+        fallback = {**defaults, **saved_flags(given['resume'], defaults)}
+    else:
+        fallback = {**defaults, **SIZES[size_for(given, defaults)]}
+    args = argparse.Namespace(**{dest: fallback[dest] if value is NOT_GIVEN else value for dest, value in given.items()})
+    check_training_args(args)
+    return args
+
+
+# What parse_training_args marks a flag that argv does not give with.
+NOT_GIVEN = object()
+
+
+def saved_flags(resume, known):
+    """The flags saved in the resume file that this script knows, --resume itself aside."""
+    if not os.path.isfile(resume):
+        raise UsageError(f'--resume {resume}: no such file.')
+    saved = checkpoint.load_resume_flags(resume)
+    return {dest: value for dest, value in saved.items() if dest in known and dest != 'resume'}
+
+
+def size_for(given, defaults):
+    """The --size that applies: 'auto' is apex's on an accelerator (--cuda, or --accel that finds one), else cpu."""
+    size = defaults['size'] if given['size'] is NOT_GIVEN else given['size']
+    if size != 'auto':
+        return size
+    on_cuda = given['cuda'] is True and torch.cuda.is_available()
+    on_accelerator = given['accel'] is True and torch.accelerator.is_available()
+    return 'apex' if on_cuda or on_accelerator else 'cpu'
 
 
 # Flags that must hold positive integers, as the user types them.
@@ -213,6 +273,18 @@ def check_output_file(flag, path, inputs=()):
             raise UsageError(f'{flag} {path} is the same file as {input_flag} {input_path}; writing it would destroy it.')
 
 
+def check_checkpoint_file(path):
+    """--checkpoint must be a file. Where it is missing but the SAVE.resume of a stopped run lies beside it, say so."""
+    if os.path.isfile(path):
+        return
+    resume = path + '.resume'
+    if os.path.isfile(resume):
+        raise UsageError(f'--checkpoint {path}: no such file, but {resume} is: the run that writes {path} was '
+                         f'stopped before an epoch ended, and {resume} holds its latest weights; give --checkpoint '
+                         f'{resume} to use them.')
+    raise UsageError(f'--checkpoint {path}: no such file.')
+
+
 def check_seed(seed):
     """torch's generators take seeds from -2**63 to 2**64 - 1."""
     if not -2 ** 63 <= seed < 2 ** 64:
@@ -241,19 +313,21 @@ def check_model_size(build_model, args, device):
 def add_device_flags(parser):
     parser.add_argument('--cuda', action='store_true', help='run on the CUDA device')
     parser.add_argument('--accel', action='store_true',
-                        help='use the accelerator torch.accelerator finds (CUDA, MPS, XPU, ...)')
+                        help='use the accelerator torch.accelerator finds (CUDA, MPS, XPU, ...), or the CPU if none')
 
 
 def select_device(args, world=None):
-    """The device the flags ask for (under torchrun, the GPU of world's local rank); asking for one
-    that is missing is an error."""
+    """The device the flags ask for (under torchrun, the GPU of world's local rank): --cuda without a
+    CUDA device is an error, --accel without an accelerator runs on the CPU."""
     if args.cuda:
         if not torch.cuda.is_available():
             raise UsageError('--cuda was given but no CUDA device is available.')
         return torch.device('cuda', world.local_rank) if world and world.size > 1 else torch.device('cuda')
     if args.accel:
         if not torch.accelerator.is_available():
-            raise UsageError('--accel was given but torch.accelerator finds no accelerator (CUDA, MPS, XPU, ...).')
+            print('| --accel: torch.accelerator finds no accelerator (CUDA, MPS, XPU, ...), so this runs on the CPU',
+                  flush=True)
+            return torch.device('cpu')
         device = torch.accelerator.current_accelerator()
         return torch.device(device.type, world.local_rank) if world and world.size > 1 else device
     if torch.cuda.is_available():

@@ -38,6 +38,10 @@ class Line:
     line_seconds: float = 0.0
 
 
+# A run that has printed no progress line this long into its first epoch says that it trains, and for how long.
+FIRST_NEWS_S = 5
+
+
 class Session:
     """Used as `with Session(setup, recipe) as session:` around the epochs (training.train).
 
@@ -50,6 +54,7 @@ class Session:
         self.setup, self.recipe, self.args, self.world = setup, recipe, setup.args, setup.world
         self.resume_file = self.args.save + '.resume'
         self.stopped = False
+        self.shown_training = False
         self.exit_code = 0
 
     def __enter__(self):
@@ -121,6 +126,20 @@ class Session:
         done = progress.next_batch
         if done % self.args.log_interval == 0 or self.args.dry_run:  # a dry run shows its one batch
             self.print_line(done)
+        elif not self.shown_training and time.time() - self.epoch_clock >= FIRST_NEWS_S:
+            self.print_first_news(done)
+
+    def print_first_news(self, done):
+        """Once, a few seconds into the run (before the first progress line, on a slow device): that it trains,
+        and how long an epoch will take."""
+        self.shown_training = True
+        if self.setup.device.type != 'cpu':
+            # The batches queued on the device finish first: the time is theirs.
+            torch.accelerator.synchronize()
+        nbatches, batches = len(self.setup.batch_starts), done - self.epoch_first_batch
+        seconds = time.time() - self.epoch_clock
+        print(f'| training: {batches} batch(es) in {seconds:.1f}s, so about {seconds / batches * nbatches:.0f}s '
+              f'an epoch of {nbatches} batches; a progress line every {self.args.log_interval} batches', flush=True)
 
     def print_line(self, done):
         progress, line, recipe = self.progress, self.line, self.recipe
@@ -141,6 +160,7 @@ class Session:
         self.line_loss.zero_()
         self.line = Line(line_start=done)
         self.line_clock = time.time()
+        self.shown_training = True
 
     def stop_agreed(self):
         """Whether a stop was requested (on any rank: all stop after the same batch). If so, the
@@ -172,8 +192,10 @@ class Session:
                            lr=recipe.optimizer.param_groups[0]['lr'], skipped=progress.skipped)
         progress.start_next_epoch()
         self.line = Line()
-        with stopping_if_lost('--resume can continue only from an earlier SAVE.resume'):
-            self.save_resume()
+        # A dry run has nothing to resume: its epochs are one batch.
+        if not self.args.dry_run:
+            with stopping_if_lost('--resume can continue only from an earlier SAVE.resume'):
+                self.save_resume()
         # A signal during evaluation or the save.
         self.stopped = self.world.any(self.stop.requested)
         self.start_line()
@@ -184,13 +206,15 @@ class Session:
         """After a stop: SAVE.resume for the batch reached, and the line that says how to continue."""
         if not self.stopped:
             return
-        if self.progress.next_batch:
+        if self.progress.next_batch and not self.args.dry_run:
             lost = f'the {self.progress.next_batch} batches of epoch {self.progress.epoch} cannot be resumed'
             with stopping_if_lost(lost):
                 self.save_resume()
         print('-' * 89)
         print(f'Exiting from training early at epoch {self.progress.epoch}, batch {self.progress.next_batch}; '
               f'continue with --resume {self.resume_file}')
+        if self.world.is_main:
+            print('| testing the best model on the test set; Ctrl-C again skips the test and exits at once', flush=True)
 
     def best_model(self):
         """The model with the best weights written so far, read back from --save (or the current ones, saying why)."""
@@ -247,6 +271,21 @@ class Session:
                 else 'no model was saved')
         return TrainingDiverged(f'training diverged: the loss or the gradients became inf or NaN in epoch '
                                 f'{self.progress.epoch} with lr {lr:g} (try a smaller --lr); {kept}.')
+
+
+def reported(steps, what, first_after=5.0, every=10.0):
+    """steps, one at a time; a loop that lasts longer than first_after seconds prints how far it is and how long
+    it has left, then again every `every` seconds (what: 'evaluating', ...)."""
+    steps = list(steps)
+    start = time.time()
+    due = start + first_after
+    for done, step in enumerate(steps, 1):
+        yield step
+        now = time.time()
+        if now >= due and done < len(steps):
+            left = (now - start) / done * (len(steps) - done)
+            print(f'| {what}: {done}/{len(steps)} batches, about {left:.0f}s left', flush=True)
+            due = now + every
 
 
 def export_best_model(args, progress):
