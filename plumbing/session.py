@@ -112,6 +112,7 @@ class Session:
         self.line_loss = torch.tensor(self.line.line_loss, device=self.setup.device)
         self.line_clock = self.epoch_clock = time.time()
         self.epoch_first_batch = self.progress.next_batch
+        self.first_batch_done = None
 
     def after_batch(self, loss, ntokens, updated):
         """Count a skipped update, add the batch to the progress line, print the line every --log-interval batches."""
@@ -126,20 +127,26 @@ class Session:
         done = progress.next_batch
         if done % self.args.log_interval == 0 or self.args.dry_run:  # a dry run shows its one batch
             self.print_line(done)
-        elif not self.shown_training and time.time() - self.epoch_clock >= FIRST_NEWS_S:
-            self.print_first_news(done)
+        elif not self.shown_training:
+            self.first_news(done)
 
-    def print_first_news(self, done):
-        """Once, a few seconds into the run (before the first progress line, on a slow device): that it trains,
-        and how long an epoch will take."""
-        self.shown_training = True
+    def first_news(self, done):
+        """Before the first progress line: once FIRST_NEWS_S into the run, say that it trains and how long an epoch
+        will take, from the batches after the first (which also warms up)."""
+        if self.first_batch_done is not None and time.time() - self.epoch_clock < FIRST_NEWS_S:
+            return
         if self.setup.device.type != 'cpu':
             # The batches queued on the device finish first: the time is theirs.
             torch.accelerator.synchronize()
+        now = time.time()
+        if self.first_batch_done is None:
+            self.first_batch_done = now
+            return
+        self.shown_training = True
         nbatches, batches = len(self.setup.batch_starts), done - self.epoch_first_batch
-        seconds = time.time() - self.epoch_clock
-        print(f'| training: {batches} batch(es) in {seconds:.1f}s, so about {seconds / batches * nbatches:.0f}s '
-              f'an epoch of {nbatches} batches; a progress line every {self.args.log_interval} batches', flush=True)
+        epoch = (now - self.first_batch_done) / (batches - 1) * nbatches
+        print(f'| training: {batches} batches in {now - self.epoch_clock:.1f}s, so about {epoch:.0f}s an epoch '
+              f'of {nbatches} batches; a progress line every {self.args.log_interval} batches', flush=True)
 
     def print_line(self, done):
         progress, line, recipe = self.progress, self.line, self.recipe

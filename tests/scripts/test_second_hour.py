@@ -58,7 +58,7 @@ def test_a_run_says_it_trains_before_its_first_progress_line(tmp_path, call_scri
     lines = proc.stdout.splitlines()
     news = [i for i, line in enumerate(lines) if line.startswith('| training: ')]
     assert len(news) == 1, proc.stdout
-    assert re.fullmatch(r'\| training: 1 batch\(es\) in [\d.]+s, so about \d+s an epoch of 38 batches; '
+    assert re.fullmatch(r'\| training: 2 batches in [\d.]+s, so about \d+s an epoch of 38 batches; '
                         r'a progress line every 20 batches', lines[news[0]]), lines[news[0]]
     first_progress = next(i for i, line in enumerate(lines) if line.startswith('| epoch '))
     assert news[0] < first_progress
