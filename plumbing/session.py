@@ -70,10 +70,10 @@ class Session:
                 self.progress, self.line, elapsed, metrics_bytes = Progress(), Line(), 0.0, None
             self.metrics = self.files.enter_context(MetricsFile(
                 args.save + '.metrics.jsonl' if world.is_main else None, metrics_bytes, elapsed))
+            self.start()
         except BaseException:
             self.files.close()
             raise
-        self.start()
         return self
 
     def __exit__(self, kind, error, traceback):
