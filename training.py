@@ -37,9 +37,7 @@ class Setup:
         # The dictionary is padded to a multiple of 8 so the decoder's GEMM can use Tensor Cores.
         self.corpus = data.Corpus(args.data, pad_to_multiple_of=8)
         self.ntokens = len(self.corpus.dictionary)
-        new_model = lambda: build_model(args.model, self.ntokens, args.emsize, args.nhid, args.nlayers,
-                                        args.dropout, args.tied, args.nhead)
-        startup.check_sizes(args, self.corpus, new_model, self.device, EVAL_BATCH_SIZE)
+        startup.check_sizes(args, self.corpus, self.device, EVAL_BATCH_SIZE)
         # Under torchrun each rank trains its share of the columns (plumbing/distributed.py draws it).
         self.train_data = data.batchify(self.corpus.train, args.batch_size)[:, self.world.columns(args.batch_size)]
         self.train_data = self.train_data.contiguous().to(self.device)
@@ -50,7 +48,8 @@ class Setup:
             self.batch_starts = self.batch_starts[:1]
         self.val_data = data.batchify(self.corpus.valid, EVAL_BATCH_SIZE).to(self.device)
         self.test_data = data.batchify(self.corpus.test, EVAL_BATCH_SIZE).to(self.device)
-        self.model = new_model().to(self.device)
+        self.model = build_model(args.model, self.ntokens, args.emsize, args.nhid, args.nlayers, args.dropout,
+                                 args.tied, args.nhead).to(self.device)
         if self.world.size > 1:
             # Each rank drops out other units.
             torch.manual_seed((args.seed + self.world.rank) % 2 ** 64)

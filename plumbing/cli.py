@@ -291,12 +291,15 @@ def check_seed(seed):
         raise UsageError(f'--seed must be between -2**63 and 2**64 - 1 (got {seed}).')
 
 
-def check_model_size(build_model, args, device):
-    """Refuse a model whose fp32 weights alone would not fit in the device's memory, before build_model() builds it."""
+def check_model_size(args, ntokens, device):
+    """Refuse a model whose fp32 weights alone would not fit in the device's memory, before it is built."""
+    model_args = dict(rnn_type=args.model, ntoken=ntokens, ninp=args.emsize, nhid=args.nhid, nlayers=args.nlayers,
+                      dropout=args.dropout, tie_weights=args.tied, **({'nhead': args.nhead}
+                                                                     if args.model == 'Transformer' else {}))
     try:
-        with torch.device('meta'):  # shapes only: nothing is allocated
-            model = build_model()
-        nbytes = 4 * sum(p.numel() for p in model.parameters())
+        shapes = checkpoint.weight_shapes(model_args)
+        tied = model_args['ntoken'] * model_args['ninp'] if args.tied else 0
+        nbytes = 4 * (sum(math.prod(shape) for shape in shapes.values()) - tied)
     except (RuntimeError, OverflowError, ValueError):
         nbytes = math.inf
     if device.type == 'cuda':

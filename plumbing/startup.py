@@ -25,7 +25,7 @@ def start(args):
     return world, device
 
 
-def check_sizes(args, corpus, build_model, device, eval_batch_size):
+def check_sizes(args, corpus, device, eval_batch_size):
     """Each column of a batchified split needs 2 tokens at least (one input, one target), and the model's
     fp32 weights must fit in the device's memory."""
     path = lambda split: os.path.join(args.data, f'{split}.txt')
@@ -38,4 +38,4 @@ def check_sizes(args, corpus, build_model, device, eval_batch_size):
         if n // eval_batch_size < 2:
             raise DataError(f'{path(split)} has {n} tokens, too few for evaluation in {eval_batch_size} '
                             f'columns (it needs {2 * eval_batch_size}).')
-    check_model_size(build_model, args, device)
+    check_model_size(args, len(corpus.dictionary), device)
