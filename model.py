@@ -1,6 +1,7 @@
 """The word-level language models: embedding -> multi-layer RNN -> linear decoder (RNNModel),
 and embedding -> causal Transformer encoder -> linear decoder (TransformerModel)."""
 import math
+import warnings
 
 import torch
 import torch.nn as nn
@@ -44,13 +45,16 @@ class RNNModel(nn.Module):
     def forward(self, input, hidden):
         """input [seq_len, batch] of ids -> logits [seq_len, batch, ntoken], new hidden."""
         emb = self.drop(self.encoder(input))
-        if self.rnn_type == 'LSTM' and input.device.type == 'cpu' and torch.is_autocast_enabled('cpu') \
-                and torch.get_autocast_dtype('cpu') == torch.float16:
-            # oneDNN has no fp16 LSTM kernel: under CPU fp16 autocast the LSTM runs in fp32.
-            with torch.autocast('cpu', enabled=False):
-                output, hidden = self.rnn(emb.float(), hidden)
-        else:
+        device_type = input.device.type
+        dtype = None
+        if torch.is_autocast_enabled(device_type):
+            dtype = rnn_dtype(self.rnn_type, device_type, torch.get_autocast_dtype(device_type),
+                              device_type == 'cuda' and cudnn_runs_bf16_rnn(input.device))
+        if dtype is None:
             output, hidden = self.rnn(emb, hidden)
+        else:
+            with torch.autocast(device_type, enabled=False):
+                output, hidden = run_rnn_in(self.rnn, dtype, emb, hidden)
         return self.decoder(self.drop(output)), hidden
 
     def init_hidden(self, bsz):
@@ -59,6 +63,43 @@ class RNNModel(nn.Module):
         if self.rnn_type == 'LSTM':
             return (weight.new_zeros(shape), weight.new_zeros(shape))
         return weight.new_zeros(shape)
+
+
+def rnn_dtype(rnn_type, device_type, autocast_dtype, cudnn_bf16=True):
+    """The dtype an RNN runs in under autocast to autocast_dtype, where the model chooses it instead of
+    autocast; None leaves it to autocast. cudnn_bf16: whether cuDNN has bf16 RNN kernels (CUDA only)."""
+    if autocast_dtype == torch.bfloat16 and device_type == 'cuda':
+        # Autocast's wrapper for cuDNN RNNs casts to fp16 whatever the autocast dtype, which would run
+        # --bf16's RNN in fp16 without a loss scale. cuDNN 9.13 on Ampere or later has bf16 RNNs;
+        # without them, fp32 (TF32 where allowed) is the safe precision.
+        return torch.bfloat16 if cudnn_bf16 else torch.float32
+    if autocast_dtype == torch.bfloat16 and device_type == 'cpu':
+        # Under CPU autocast an LSTM fed fp32 goes to oneDNN, which fails on CPUs without AVX-512;
+        # fed bf16 (weights too) it runs in bf16 everywhere.
+        return torch.bfloat16
+    if autocast_dtype == torch.float16 and device_type == 'cpu' and rnn_type == 'LSTM':
+        # oneDNN has no fp16 LSTM kernel: under CPU fp16 autocast the LSTM runs in fp32.
+        return torch.float32
+    return None
+
+
+def cudnn_runs_bf16_rnn(device):
+    """Whether cuDNN runs bf16 RNNs on this device: PyTorch sends them to cuDNN from cuDNN 9.13, on compute capability 8.0 or later."""
+    return (torch.backends.cudnn.is_available() and torch.backends.cudnn.version() >= 91300
+            and torch.cuda.get_device_capability(device) >= (8, 0))
+
+
+def run_rnn_in(rnn, dtype, input, hidden):
+    """rnn(input, hidden) computed in dtype: input, hidden and a copy of the weights in dtype. The copy is
+    made inside the graph, so the gradients reach the fp32 weights."""
+    if hidden is not None:
+        hidden = tuple(h.to(dtype) for h in hidden) if isinstance(hidden, tuple) else hidden.to(dtype)
+    weights = {name: p.to(dtype) for name, p in rnn.named_parameters()}
+    with warnings.catch_warnings():
+        # The copies are not one flat buffer, so cuDNN packs them once more per call (and warns each
+        # time); autocast's fp16 wrapper makes the same kind of copy.
+        warnings.filterwarnings('ignore', message='RNN module weights are not part of single contiguous chunk')
+        return torch.func.functional_call(rnn, weights, (input.to(dtype), hidden))
 
 
 def init_weights(encoder, decoder):
