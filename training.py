@@ -238,7 +238,7 @@ def train(run, recipe):
             optimizer = 'AdamW' if args.use_optimizer else 'SGD'  # recipes.optimizer's choice
             print(f'| device {run.device} | precision {recipe.describe()} | optimizer {optimizer} '
                   f'| vocabulary {run.ntokens} | train tokens {len(run.corpus.train)}', flush=True)
-            if world.size > 1:
+            if not world.alone:
                 print(f'| torchrun: {world.size} processes, {args.batch_size // world.size} of the '
                       f'{args.batch_size} columns each', flush=True)
             if args.dry_run:
