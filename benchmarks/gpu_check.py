@@ -114,7 +114,8 @@ def check_kernels(path):
 
 
 def table(paths):
-    """Rows for the README's Results table: recipe, loss scale, epochs, valid ppl, test ppl, card, torch."""
+    """Rows of the README's Results table from finished runs' metrics files: the command, loss scale,
+    epochs, best valid ppl, test ppl, card and torch, and apex's figure where it gave one."""
     rows = []
     for path in paths:
         records = read(path)
@@ -124,15 +125,18 @@ def table(paths):
         if not epochs or not ends or ends[-1].get('stopped'):
             rows.append(f'| {path}: not finished | | | | | | |')
             continue
-        flags = run['flags']
-        scale = ('dynamic' if flags.get('dynamic_loss_scale') else f"{flags['static_loss_scale']:g}"
-                 if run['recipe'].startswith('fp16') else '-')
-        if run['recipe'] == 'amp':
-            scale = 'dynamic (GradScaler)'
-        script = run['script']
-        rows.append(f"| `{script}` {run['recipe']} | {scale} | {len(epochs)} | "
-                    f"{min(r['valid_ppl'] for r in epochs):.2f} | {ends[-1]['test_ppl']:.2f} | "
-                    f"{run['device']} | {run['torch']} |")
+        f = run['flags']
+        flags = [flag for flag, on in (('--fp16', f.get('fp16')), ('--amp', f.get('amp')), ('--bf16', f.get('bf16')),
+                                        ('--dynamic-loss-scale', f.get('dynamic_loss_scale'))) if on]
+        if f.get('fp16') and not f.get('dynamic_loss_scale') and f['static_loss_scale'] != 128:
+            flags.append(f"--static-loss-scale {f['static_loss_scale']:g}")
+        command = f"`{run['script']}{''.join(' ' + x for x in flags)}`" + ('' if flags else ' (fp32)')
+        scale = ('dynamic' if f.get('dynamic_loss_scale') else f"{f['static_loss_scale']:g}" if f.get('fp16')
+                 else 'dynamic (GradScaler)' if f.get('amp') else '-')
+        apex = {('main.py', '128'): '~90', ('main.py', '1'): '~93'}.get((run['script'], scale), '') \
+            if run['recipe'] == 'fp16-manual' else ''
+        rows.append(f"| {command} | {scale} | {len(epochs)} | {min(r['valid_ppl'] for r in epochs):.2f} | "
+                    f"{ends[-1]['test_ppl']:.2f} | {run['device']}, torch {run['torch']} | {apex} |")
     return rows
 
 

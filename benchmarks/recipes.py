@@ -231,6 +231,8 @@ def parse_args(argv):
     p.add_argument('--recipes', default=None, help=f'comma-separated subset of {",".join(RECIPES)}')
     p.add_argument('--json', default=None, help='write the results here')
     p.add_argument('--profile', action='store_true', help='also print a profile of 3 steps of each recipe')
+    p.add_argument('--in-process', action='store_true',
+                   help='on the CPU, run every recipe in this process (quicker; peak memory is then the largest so far)')
     p.add_argument('--one', help=argparse.SUPPRESS)  # run one recipe in this process, print its JSON
     cli.add_device_flags(p)
     cfg = p.parse_args(argv)
@@ -305,7 +307,7 @@ def main(argv=None):
         for n, name in enumerate(order, 1):
             print(f'| round {round_}/{cfg.rounds} [{n}/{len(names)}] {name}: '
                   f'{cfg.warmup} warm-up + {cfg.steps} timed steps ...', flush=True)
-            if device.type == 'cpu':  # own process, own max RSS
+            if device.type == 'cpu' and not cfg.in_process:  # own process, own max RSS
                 out = run_in_own_process(name, argv)
                 if out.returncode:
                     sys.stderr.write(out.stderr)
