@@ -67,7 +67,7 @@ train() {
   read -r -a cmd <<< "$spec"
   echo "== $(date -u +%FT%TZ) python3 ${cmd[*]} ${common[*]} --data DATA --save $state/$run.pt $* (SIGTERM after $limit s)" \
     >> "$out/$run.log"
-  timeout -s TERM -k 60 "$limit" python3 "${cmd[@]}" "${common[@]}" --data "$data" --save "$state/$run.pt" "$@" \
+  timeout --preserve-status -s TERM -k 60 "$limit" python3 "${cmd[@]}" "${common[@]}" --data "$data" --save "$state/$run.pt" "$@" \
     < /dev/null >> "$out/$run.log" 2>&1
   local rc=$?
   echo "== exit code $rc" >> "$out/$run.log"

@@ -47,10 +47,10 @@ def metrics_lines(path):
 
 def test_claim_runs_stopped_and_continued_end_as_one_uninterrupted_run(corpus_dir, tmp_path):
     tiny = {'CLAIM_TINY': '1', 'CLAIM_EPOCHS': '40'}
-    # The same run twice at once: once stopped by SIGTERM after 8 s and continued, once never stopped.
+    # The same run twice at once: once stopped by SIGTERM after 10 s (in epoch 1 or 2 here) and continued, once never stopped.
     stopped = subprocess.Popen(['bash', 'benchmarks/claim_runs.sh', 'start', str(corpus_dir), str(tmp_path / 'a'), 'fp16-128'],
                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env=dict(ENV, **tiny, CLAIM_SECONDS='8', CLAIM_STATE=str(tmp_path / 'sa')))
+                               env=dict(ENV, **tiny, CLAIM_SECONDS='10', CLAIM_STATE=str(tmp_path / 'sa')))
     whole = bash('benchmarks/claim_runs.sh', 'start', corpus_dir, tmp_path / 'b', 'fp16-128',
                  env=dict(tiny, CLAIM_STATE=str(tmp_path / 'sb')))
     first = stopped.communicate(timeout=300)[0]
