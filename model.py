@@ -1,5 +1,6 @@
 """The word-level language models: embedding -> multi-layer RNN -> linear decoder (RNNModel),
 and embedding -> causal Transformer encoder -> linear decoder (TransformerModel)."""
+import functools
 import math
 import warnings
 
@@ -74,8 +75,8 @@ def rnn_dtype(rnn_type, device_type, autocast_dtype, cudnn_bf16=True):
         # without them, fp32 (TF32 where allowed) is the safe precision.
         return torch.bfloat16 if cudnn_bf16 else torch.float32
     if autocast_dtype == torch.bfloat16 and device_type == 'cpu':
-        # Under CPU autocast an LSTM fed fp32 goes to oneDNN, which fails on CPUs without AVX-512;
-        # fed bf16 (weights too) it runs in bf16 everywhere.
+        # Under CPU bf16 autocast an LSTM fed fp32 goes to oneDNN, which fails on a CPU without
+        # AVX-512 (an AVX2 EPYC: "could not create a primitive descriptor"); fed bf16 it runs in bf16.
         return torch.bfloat16
     if autocast_dtype == torch.float16 and device_type == 'cpu' and rnn_type == 'LSTM':
         # oneDNN has no fp16 LSTM kernel: under CPU fp16 autocast the LSTM runs in fp32.
@@ -83,8 +84,10 @@ def rnn_dtype(rnn_type, device_type, autocast_dtype, cudnn_bf16=True):
     return None
 
 
+@functools.cache
 def cudnn_runs_bf16_rnn(device):
-    """Whether cuDNN runs bf16 RNNs on this device: PyTorch sends them to cuDNN from cuDNN 9.13, on compute capability 8.0 or later."""
+    """Whether cuDNN runs bf16 RNNs on this device: PyTorch sends them to cuDNN from cuDNN 9.13, on
+    compute capability 8.0 or later (pytorch/pytorch#164411)."""
     return (torch.backends.cudnn.is_available() and torch.backends.cudnn.version() >= 91300
             and torch.cuda.get_device_capability(device) >= (8, 0))
 
