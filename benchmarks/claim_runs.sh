@@ -12,9 +12,10 @@
 #
 # RUN is one of: fp16-128 (main.py --fp16), fp16-1 (--static-loss-scale 1), fp32 (main.py),
 # opt-dynamic (main_fp16_optimizer.py --fp16 --dynamic-loss-scale), amp (main.py --amp), bf16 (main.py --bf16).
-# DATA is the whole WikiText-2 (train.txt, valid.txt, test.txt). OUT gets RUN.log and RUN.metrics.jsonl
-# per run (at most 8 files, all small); checkpoints and SAVE.resume stay in CLAIM_STATE (default
-# .claim_runs/ in the repository, git-ignored), which the GPU machine keeps between the two commands.
+# DATA is the whole WikiText-2 (train.txt, valid.txt, test.txt). Checkpoints, SAVE.resume, the metrics
+# files and the logs live in CLAIM_STATE (default .claim_runs/ in the repository, git-ignored), which
+# the GPU machine keeps between the two commands; each command copies RUN.log (every command's output
+# so far) and RUN.metrics.jsonl of its runs to OUT, which may be a new, empty folder each time.
 # CLAIM_TINY=1: the same on the CPU with a tiny model (the tests prove the script with it).
 set -u
 [ -f main.py ] && [ -d benchmarks ] || { echo "$0: run this from the repository root" >&2; exit 2; }
@@ -59,18 +60,19 @@ PY
 }
 
 # train RUN LIMIT [--resume FILE]: one command of the run, stopped by SIGTERM after LIMIT seconds;
-# its output is appended to OUT/RUN.log and its metrics file copied to OUT.
+# its output is appended to RUN.log, which is copied to OUT with the metrics file.
 train() {
   local run=$1 limit=$2; shift 2
   local spec
   spec=$(flags_of "$run") || return 2
   read -r -a cmd <<< "$spec"
   echo "== $(date -u +%FT%TZ) python3 ${cmd[*]} ${common[*]} --data DATA --save $state/$run.pt $* (SIGTERM after $limit s)" \
-    >> "$out/$run.log"
+    >> "$state/$run.log"
   timeout --preserve-status -s TERM -k 60 "$limit" python3 "${cmd[@]}" "${common[@]}" --data "$data" --save "$state/$run.pt" "$@" \
-    < /dev/null >> "$out/$run.log" 2>&1
+    < /dev/null >> "$state/$run.log" 2>&1
   local rc=$?
-  echo "== exit code $rc" >> "$out/$run.log"
+  echo "== exit code $rc" >> "$state/$run.log"
+  cp "$state/$run.log" "$out/$run.log"
   cp "$state/$run.pt.metrics.jsonl" "$out/$run.metrics.jsonl" 2>/dev/null
   return $rc
 }
@@ -88,10 +90,13 @@ resume_or_start() {  # continue RUN from its SAVE.resume, or start it again if i
   if ended "$run"; then echo "$run: ended"; else echo "$run: stopped; run continue again"; fi
 }
 
-ms_per_batch() {  # the median ms/batch of a metrics file's progress lines, the first left out (warm-up)
+ms_per_batch() {  # the median ms/batch of a metrics file's progress lines, the first left out (warm-up); nan if none
   python3 - "$1" <<'PY'
 import json, statistics, sys
-ms = [r['ms_per_batch'] for r in map(json.loads, open(sys.argv[1])) if r['kind'] == 'train'][1:]
+try:
+    ms = [r['ms_per_batch'] for r in map(json.loads, open(sys.argv[1])) if r['kind'] == 'train'][1:]
+except OSError:
+    ms = []
 print(f'{statistics.median(ms):.2f}' if ms else 'nan')
 PY
 }
@@ -101,15 +106,15 @@ case $command in
     [ $# -ge 1 ] && [ $# -le 2 ] || { echo "$usage" >&2; exit 2; }
     for run in "$@"; do
       flags_of "$run" > /dev/null || exit 2
-      rm -f "$state/$run.pt" "$state/$run.pt.resume" "$state/$run.pt.metrics.jsonl" "$out/$run.log" "$out/$run.metrics.jsonl"
+      rm -f "$state/$run".* "$out/$run.log" "$out/$run.metrics.jsonl"
     done
     for run in "$@"; do resume_or_start "$run" "$seconds" & done
     wait
     ;;
   continue)
     [ $# -eq 0 ] || { echo "$usage" >&2; exit 2; }
-    runs=$(cd "$out" && ls -- *.log 2>/dev/null | sed 's/\.log$//')
-    [ -n "$runs" ] || { echo "$0: no run in $out to continue" >&2; exit 2; }
+    runs=$(cd "$state" && ls -- *.log 2>/dev/null | sed 's/\.log$//')
+    [ -n "$runs" ] || { echo "$0: no run in $state to continue (start one first)" >&2; exit 2; }
     for run in $runs; do resume_or_start "$run" "$seconds" & done
     wait
     ;;
@@ -119,14 +124,16 @@ case $command in
     mkdir -p "$state/probe" "$out/probe"
     state=$state/probe out_all=$out out=$out/probe
     rm -f "$state"/* "$out"/*
-    train fp16-128 "$probe"; mv "$state/fp16-128.pt.metrics.jsonl" "$state/alone.jsonl"
-    rm -f "$state"/*.pt "$state"/*.resume "$out"/*.log
+    train fp16-128 "$probe"; mv "$state/fp16-128.pt.metrics.jsonl" "$state/alone.jsonl" 2> /dev/null
+    rm -f "$state"/*.pt "$state"/*.resume "$state"/*.log "$out"/*.log
     train fp16-128 "$probe" & train fp16-1 "$probe" & wait
     alone=$(ms_per_batch "$state/alone.jsonl")
     a=$(ms_per_batch "$state/fp16-128.pt.metrics.jsonl"); b=$(ms_per_batch "$state/fp16-1.pt.metrics.jsonl")
-    python3 - "$alone" "$a" "$b" "${CLAIM_SLOT_MINUTES:-12}" <<'PY' | tee "$out_all/probe.txt"
-import sys
+    python3 - "$alone" "$a" "$b" "${CLAIM_SLOT_MINUTES:-12}" > "$out_all/probe.txt" <<'PY'
+import math, sys
 alone, a, b, slot = map(float, sys.argv[1:])
+if math.isnan(alone + a + b):
+    sys.exit('probe: some run printed fewer than 2 progress lines in its time: give PROBE_SECONDS more.')
 # 40 epochs of 2486 batches; evaluation and saves add about 22% (10.5 min at 5.2 ms/batch).
 minutes = lambda ms: 40 * 2486 * ms / 60000 * 1.22
 pair = minutes(max(a, b))
@@ -134,7 +141,10 @@ print(f'probe: fp16-128 alone {alone:.2f} ms/batch; side by side fp16-128 {a:.2f
       f'40 epochs: one run alone about {minutes(alone):.1f} min, the pair about {pair:.1f} min: '
       f'{"start both at once" if pair <= slot else "one run a slot"} (a slot holds {slot:g} min of training).')
 PY
+    rc=$?
+    cat "$out_all/probe.txt"
     rm -rf "$out"
+    exit $rc
     ;;
   *) echo "$usage" >&2; exit 2 ;;
 esac

@@ -47,10 +47,10 @@ def metrics_lines(path):
 
 def test_claim_runs_stopped_and_continued_end_as_one_uninterrupted_run(corpus_dir, tmp_path):
     tiny = {'CLAIM_TINY': '1', 'CLAIM_EPOCHS': '40'}
-    # The same run twice at once: once stopped by SIGTERM after 10 s (in epoch 1 or 2 here) and continued, once never stopped.
+    # The same run twice at once: once stopped by SIGTERM after 12 s and continued, once never stopped.
     stopped = subprocess.Popen(['bash', 'benchmarks/claim_runs.sh', 'start', str(corpus_dir), str(tmp_path / 'a'), 'fp16-128'],
                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env=dict(ENV, **tiny, CLAIM_SECONDS='10', CLAIM_STATE=str(tmp_path / 'sa')))
+                               env=dict(ENV, **tiny, CLAIM_SECONDS='12', CLAIM_STATE=str(tmp_path / 'sa')))
     whole = bash('benchmarks/claim_runs.sh', 'start', corpus_dir, tmp_path / 'b', 'fp16-128',
                  env=dict(tiny, CLAIM_STATE=str(tmp_path / 'sb')))
     first = stopped.communicate(timeout=300)[0]
@@ -58,25 +58,29 @@ def test_claim_runs_stopped_and_continued_end_as_one_uninterrupted_run(corpus_di
     assert stopped.returncode == 0 and 'fp16-128: stopped; run continue again' in first, first
     log = (tmp_path / 'a' / 'fp16-128.log').read_text()
     assert '== exit code 143' in log and 'SIGTERM' in log
-    again = bash('benchmarks/claim_runs.sh', 'continue', corpus_dir, tmp_path / 'a',
+    # A new, empty OUT, as the GPU machine gives each command: the state is in CLAIM_STATE.
+    again = bash('benchmarks/claim_runs.sh', 'continue', corpus_dir, tmp_path / 'a2',
                  env=dict(tiny, CLAIM_STATE=str(tmp_path / 'sa')))
     assert again.returncode == 0 and 'fp16-128: ended' in again.stdout, again.stdout + again.stderr
-    log = (tmp_path / 'a' / 'fp16-128.log').read_text()
-    assert '| resuming ' in log and 'Traceback' not in log
-    a, b = (metrics_lines(tmp_path / d / 'fp16-128.metrics.jsonl') for d in ('a', 'b'))
+    log = (tmp_path / 'a2' / 'fp16-128.log').read_text()
+    assert 'Traceback' not in log and log.count('== exit code') == 2
+    # Stopped in training, the run continues from its SAVE.resume; stopped before (on a loaded machine
+    # even during the imports), it saved nothing and starts again. Either way it ends as the uninterrupted run.
+    assert ('| resuming ' in log) == ('| SIGTERM: stopping after this batch' in log)
+    a, b = (metrics_lines(tmp_path / d / 'fp16-128.metrics.jsonl') for d in ('a2', 'b'))
     assert a[-1]['kind'] == b[-1]['kind'] == 'end'
     assert a[-1]['test_ppl'] == b[-1]['test_ppl']
-    good, line = gpu_check.same(tmp_path / 'a' / 'fp16-128.metrics.jsonl', tmp_path / 'b' / 'fp16-128.metrics.jsonl', 0)
+    good, line = gpu_check.same(tmp_path / 'a2' / 'fp16-128.metrics.jsonl', tmp_path / 'b' / 'fp16-128.metrics.jsonl', 0)
     assert good, line
     # Only logs and metrics files come back: no checkpoint in OUT.
-    assert sorted(f.name for f in (tmp_path / 'a').iterdir()) == ['fp16-128.log', 'fp16-128.metrics.jsonl']
-    rows = gpu_check.table([tmp_path / 'a' / 'fp16-128.metrics.jsonl'])
+    assert sorted(f.name for f in (tmp_path / 'a2').iterdir()) == ['fp16-128.log', 'fp16-128.metrics.jsonl']
+    rows = gpu_check.table([tmp_path / 'a2' / 'fp16-128.metrics.jsonl'])
     assert rows[0].startswith('| `main.py --fp16` | 128 | 40 | ') and rows[0].endswith(' | ~90 |')
 
 
 def test_claim_runs_probe_compares_one_run_alone_with_two_side_by_side(corpus_dir, tmp_path):
     proc = bash('benchmarks/claim_runs.sh', 'probe', corpus_dir, tmp_path / 'out',
-                env={'CLAIM_TINY': '1', 'PROBE_SECONDS': '9', 'CLAIM_STATE': str(tmp_path / 'state')})
+                env={'CLAIM_TINY': '1', 'PROBE_SECONDS': '15', 'CLAIM_STATE': str(tmp_path / 'state')})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     text = (tmp_path / 'out' / 'probe.txt').read_text()
     assert text.startswith('probe: fp16-128 alone ') and 'side by side fp16-128 ' in text and 'nan' not in text
