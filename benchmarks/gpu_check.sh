@@ -12,8 +12,8 @@
 # first half of WikiText-2 train; SIGTERM then --resume against the uninterrupted run; torchrun
 # --nproc_per_node 1 (NCCL) against the plain run; the metrics files; generate.py; --onnx-export; the
 # CPU fp16 matmul fix staying off on CUDA. Budget on an H100 (from benchmarks/results/h100): the
-# benchmark ~100 s (limit 150), the 14 training runs 4 at a time ~120 s (each limit 90 s, none started
-# after 300 s), generate.py 2 x ~10 s; 330 s in all at most, plus the checks.
+# benchmark ~100 s (limit 150), the 14 training runs 4 at a time ~120 s (each limit 90 s, none running
+# 270 s after the start), generate.py 2 x ~10 s (limit 30 s each): at most about 350 s in all.
 #
 # Files in OUT_DIR: summary.txt (one line per path, the device, seconds per step), runs.log (every
 # command and its output, in order), benchmark.log and benchmark.json (benchmarks.recipes --profile),
@@ -53,6 +53,8 @@ if [ "$tiny" = 1 ]; then
   stop_epochs=8  # long enough for the SIGTERM to land mid-run
   bench=(--smoke --emsize 24 --nhid 24 --in-process)
   jobs_max=2 rtol=0
+  # A busy 2-core machine may take minutes: the limits below are the GPU's, ten times over.
+  pool_seconds=3000 job_seconds=900 bench_seconds=1500
   say "GPU check, tiny mode on the CPU (GPU_CHECK_TINY=1): the script proven, not the GPU"
 else
   dev=(--cuda)
@@ -64,6 +66,7 @@ else
   # cuDNN and atomics may order sums differently from run to run: a resumed run and torchrun
   # are held to 1e-4 of the uninterrupted run's numbers (the CPU to 0: bit for bit).
   jobs_max=${GPU_CHECK_JOBS:-4} rtol=${GPU_CHECK_RTOL:-1e-4}
+  pool_seconds=270 job_seconds=90 bench_seconds=150
   say "GPU check: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -1)"
 fi
 say "$(python3 -c 'import torch; c = torch.backends.cudnn; print("torch", torch.__version__, "| cuda", torch.version.cuda, "| cudnn", c.version() if c.is_available() else None)' 2>&1 | tail -1)"
@@ -71,7 +74,7 @@ say "data: first $((lines / 2)) of $lines lines of $src/train.txt, all of valid 
 
 # ------------------------------------------------------------------------------ the benchmark
 t=$SECONDS
-timeout -s TERM -k 10 150 python3 -m benchmarks.recipes "${bench[@]}" --profile --json "$out/benchmark.json" \
+timeout -s TERM -k 10 $bench_seconds python3 -m benchmarks.recipes "${bench[@]}" --profile --json "$out/benchmark.json" \
   > "$out/benchmark.log" 2>&1
 rc=$?
 if [ $rc -ne 0 ]; then
@@ -85,18 +88,25 @@ else
 fi
 
 # ------------------------------------------------------------------------------ training runs
-deadline=$((started + 300))
+deadline=$((started + pool_seconds))
+# The seconds a command may still take: job_seconds, and nothing past the deadline.
+limit() {
+  local left=$((deadline - SECONDS))
+  [ $left -gt $job_seconds ] && left=$job_seconds
+  [ $left -lt 1 ] && left=1
+  echo $left
+}
 # job NAME SCRIPT FLAGS...: train in $work/NAME (--save model.pt), output in $work/NAME/log, exit code in rc.
 job() {
   local name=$1 script=$2; shift 2
   local dir=$work/$name
   mkdir -p "$dir"
   echo "python3 $script $*" > "$dir/cmd"
-  local limit=$((deadline - SECONDS))
-  if [ $limit -le 5 ]; then echo "not started: the time budget was spent" > "$dir/log"; echo 124 > "$dir/rc"; return; fi
-  [ $limit -gt 90 ] && limit=90
+  if [ $((deadline - SECONDS)) -le 5 ]; then
+    echo "not started: the time budget was spent" > "$dir/log"; echo 124 > "$dir/rc"; return
+  fi
   local t=$SECONDS
-  (cd "$dir" && timeout -s TERM -k 10 $limit python3 "$repo/$script" "$@" --save model.pt < /dev/null > log 2>&1)
+  (cd "$dir" && timeout -s TERM -k 10 "$(limit)" python3 "$repo/$script" "$@" --save model.pt < /dev/null > log 2>&1)
   echo $? > "$dir/rc"
   echo $((SECONDS - t)) > "$dir/seconds"
 }
@@ -107,9 +117,9 @@ stopped() {
   local dir=$work/$name t=$SECONDS
   mkdir -p "$dir"
   echo "python3 $script $* (SIGTERM in epoch 2), then again with --resume model.pt.resume" > "$dir/cmd"
-  (cd "$dir" && exec timeout -s TERM -k 10 90 python3 "$repo/$script" "$@" --save model.pt < /dev/null > first.log 2>&1) &
+  (cd "$dir" && exec timeout -s TERM -k 10 "$(limit)" python3 "$repo/$script" "$@" --save model.pt < /dev/null > first.log 2>&1) &
   local pid=$!
-  for _ in $(seq 600); do
+  for _ in $(seq $((job_seconds * 10))); do
     grep -q '^| epoch   2 |' "$dir/first.log" 2>/dev/null && break
     kill -0 $pid 2>/dev/null || break
     sleep 0.1
@@ -117,7 +127,7 @@ stopped() {
   pkill -TERM -P $pid 2>/dev/null || true  # the python3 that this job's timeout runs
   wait $pid
   echo $? > "$dir/first.rc"
-  (cd "$dir" && timeout -s TERM -k 10 90 python3 "$repo/$script" "$@" --save model.pt --resume model.pt.resume \
+  (cd "$dir" && timeout -s TERM -k 10 "$(limit)" python3 "$repo/$script" "$@" --save model.pt --resume model.pt.resume \
      < /dev/null > log 2>&1)
   echo $? > "$dir/rc"
   echo $((SECONDS - t)) > "$dir/seconds"
@@ -127,7 +137,7 @@ torchrun1() {
   local dir=$work/$name t=$SECONDS
   mkdir -p "$dir"
   echo "torchrun --standalone --nproc_per_node 1 $script $*" > "$dir/cmd"
-  (cd "$dir" && NCCL_DEBUG=INFO timeout -s TERM -k 10 90 python3 -m torch.distributed.run --standalone \
+  (cd "$dir" && NCCL_DEBUG=INFO timeout -s TERM -k 10 "$(limit)" python3 -m torch.distributed.run --standalone \
      --nproc_per_node 1 "$repo/$script" "$@" --save model.pt < /dev/null > log 2>&1)
   echo $? > "$dir/rc"
   echo $((SECONDS - t)) > "$dir/seconds"
@@ -236,7 +246,7 @@ for model in lstm-fp16 transformer-bf16; do
   if [ ! -f "$work/$model/model.pt" ]; then
     verdict FAIL "generate.py ($model)" "no checkpoint: its training run failed"; continue
   fi
-  timeout -s TERM -k 10 60 python3 "${gen[@]}" >> "$out/runs.log" 2>&1
+  timeout -s TERM -k 5 $((job_seconds / 3)) python3 "${gen[@]}" >> "$out/runs.log" 2>&1
   rc=$?
   words=$(wc -w < "$work/$model.txt" 2>/dev/null || echo 0)
   { echo "== $model"; cat "$work/$model.txt" 2>/dev/null; } >> "$out/generated.txt"
