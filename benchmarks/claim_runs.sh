@@ -6,7 +6,7 @@
 # from its SAVE.resume with the same flags (as often as needed, until the test record is written).
 #
 #   bash benchmarks/claim_runs.sh start DATA OUT RUN [RUN]   # one run, or two side by side on the one GPU
-#   bash benchmarks/claim_runs.sh continue DATA OUT          # every run in OUT that has not ended
+#   bash benchmarks/claim_runs.sh continue DATA OUT          # every started run that has not ended
 #   bash benchmarks/claim_runs.sh probe DATA OUT             # ms/batch of fp16-128 alone, then beside fp16-1
 #   python3 -m benchmarks.gpu_check table OUT/*.metrics.jsonl   # the README's Results rows
 #
@@ -21,7 +21,7 @@ set -u
 [ -f main.py ] && [ -d benchmarks ] || { echo "$0: run this from the repository root" >&2; exit 2; }
 usage="usage: $0 start DATA OUT RUN [RUN] | continue DATA OUT | probe DATA OUT"
 command=${1:?$usage}
-data=$(cd "${2:?$usage}" && pwd) || exit 2
+data=$(cd "${2:?$usage}" 2> /dev/null && pwd) || { echo "$0: $2: no such directory" >&2; exit 2; }
 mkdir -p "${3:?$usage}" && out=$(cd "$3" && pwd) || exit 2
 shift 3
 repo=$(pwd)
@@ -82,12 +82,22 @@ resume_or_start() {  # continue RUN from its SAVE.resume, or start it again if i
   if ended "$run"; then
     echo "$run: ended already"; return 0
   fi
+  local rc
   if [ -f "$state/$run.pt.resume" ]; then
     train "$run" "$limit" --resume "$state/$run.pt.resume"
   else
     train "$run" "$limit"
   fi
-  if ended "$run"; then echo "$run: ended"; else echo "$run: stopped; run continue again"; fi
+  rc=$?
+  if ended "$run"; then echo "$run: ended"
+  elif [ $rc = 143 ]; then echo "$run: stopped; run continue again"
+  else echo "$run: failed with exit code $rc (see $run.log)"; return 1; fi
+}
+all_of() {  # all_of RUN...: resume_or_start every run at once; exit code 1 if any failed
+  local pids=() failed=0
+  for run in "$@"; do resume_or_start "$run" "$seconds" & pids+=($!); done
+  for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+  return $failed
 }
 
 ms_per_batch() {  # the median ms/batch of a metrics file's progress lines, the first left out (warm-up); nan if none
@@ -108,15 +118,13 @@ case $command in
       flags_of "$run" > /dev/null || exit 2
       rm -f "$state/$run".* "$out/$run.log" "$out/$run.metrics.jsonl"
     done
-    for run in "$@"; do resume_or_start "$run" "$seconds" & done
-    wait
+    all_of "$@"
     ;;
   continue)
     [ $# -eq 0 ] || { echo "$usage" >&2; exit 2; }
     runs=$(cd "$state" && ls -- *.log 2>/dev/null | sed 's/\.log$//')
     [ -n "$runs" ] || { echo "$0: no run in $state to continue (start one first)" >&2; exit 2; }
-    for run in $runs; do resume_or_start "$run" "$seconds" & done
-    wait
+    all_of $runs
     ;;
   probe)
     # fp16-128 alone, then fp16-128 and fp16-1 side by side, PROBE_SECONDS (default 30) each.

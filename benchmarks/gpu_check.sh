@@ -21,7 +21,7 @@
 # subset, checkpoints and ONNX files stay in a temporary directory, removed at the end.
 set -u
 [ -f main.py ] && [ -d benchmarks ] || { echo "$0: run this from the repository root" >&2; exit 2; }
-src=$(cd "${1:?WikiText-2 directory (train.txt, valid.txt, test.txt)}" && pwd) || exit 2
+src=$(cd "${1:?WikiText-2 directory (train.txt, valid.txt, test.txt)}" 2> /dev/null && pwd) || { echo "$0: $1: no such directory" >&2; exit 2; }
 mkdir -p "${2:?output directory}" && out=$(cd "$2" && pwd) || exit 2
 repo=$(pwd)
 tiny=${GPU_CHECK_TINY:-0}

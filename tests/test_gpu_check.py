@@ -159,3 +159,13 @@ def test_kernel_check_fails_a_bf16_rnn_in_fp16(rnn_dtype, good, tmp_path, capsys
     assert ok is good
     if not good:
         assert line == 'bf16: the rnn ran in fp16, expected bf16/fp32/tf32'
+
+
+def test_claim_runs_say_which_run_failed(tmp_path):
+    (tmp_path / 'empty').mkdir()
+    proc = bash('benchmarks/claim_runs.sh', 'start', tmp_path / 'empty', tmp_path / 'out', 'fp32',
+                env={'CLAIM_TINY': '1', 'CLAIM_STATE': str(tmp_path / 'state')})
+    assert proc.returncode == 1 and proc.stdout == 'fp32: failed with exit code 1 (see fp32.log)\n', proc.stdout
+    assert 'train.txt is missing' in (tmp_path / 'out' / 'fp32.log').read_text()
+    missing = bash('benchmarks/claim_runs.sh', 'continue', tmp_path / 'nowhere', tmp_path / 'out')
+    assert missing.returncode == 2 and missing.stderr.endswith('nowhere: no such directory\n')
