@@ -69,7 +69,12 @@ else
   pool_seconds=270 job_seconds=90 bench_seconds=150
   say "GPU check: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -1)"
 fi
-say "$(python3 -c 'import torch; c = torch.backends.cudnn; print("torch", torch.__version__, "| cuda", torch.version.cuda, "| cudnn", c.version() if c.is_available() else None)' 2>&1 | tail -1)"
+say "$(python3 -c '
+import torch, model
+c, gpu = torch.backends.cudnn, torch.cuda.is_available()
+rnn = ("bf16 (cuDNN)" if model.cudnn_runs_bf16_rnn(torch.device("cuda")) else "fp32") if gpu else "no GPU here"
+print("torch", torch.__version__, "| cuda", torch.version.cuda, "| cudnn", c.version() if c.is_available() else None,
+      "| the RNN under --bf16:", rnn)' 2>&1 | tail -1)"
 say "data: first $((lines / 2)) of $lines lines of $src/train.txt, all of valid and test"
 
 # ------------------------------------------------------------------------------ the benchmark
