@@ -29,7 +29,7 @@ import torch
 import data
 import recipes
 import training
-from benchmarks import cpu_model
+from benchmarks import cpu_model, kernels
 from main import ManualFP16Recipe
 from main_fp16_optimizer import FP16OptimizerRecipe
 from model import MODEL_TYPES, build_model, repackage_hidden
@@ -106,11 +106,12 @@ def classic_step(model, cfg):
 
 
 def profile_steps(name, step, train_data, hidden, cfg, device, steps=3):
-    """Print where a few steps spend their time, and how many host syncs (.item()) they make."""
+    """Print where a few steps spend their time, how many host syncs (.item()) they make, and in which
+    precision the matrix products ran (benchmarks/kernels.py); return the last."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == 'cuda':
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as prof:
+    with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
         for n in range(steps):
             inputs, targets = data.get_batch(train_data, n * cfg.bptt, cfg.bptt)
             _, hidden, _ = step(inputs, targets, hidden)
@@ -120,6 +121,9 @@ def profile_steps(name, step, train_data, hidden, cfg, device, steps=3):
     sort = 'self_device_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
     print(f'| profile of {name}, {steps} steps, {syncs:g} host syncs (.item()) per step', flush=True)
     print(events.table(sort_by=sort, row_limit=12, max_name_column_width=60), flush=True)
+    dtypes = kernels.matmul_dtypes(prof, cfg.ntokens, 'transformer' if cfg.model == 'Transformer' else 'rnn')
+    print(f'| matrix products of {name}: {kernels.describe(dtypes)}', flush=True)
+    return dtypes
 
 
 def measure(name, cfg, device, tokens):
@@ -155,8 +159,7 @@ def measure(name, cfg, device, tokens):
         skipped += not updated
     sync(device)
     elapsed = time.perf_counter() - start
-    if cfg.profile:
-        profile_steps(name, step, train_data, hidden, cfg, device)
+    matmul_dtypes = profile_steps(name, step, train_data, hidden, cfg, device) if cfg.profile else None
     scale = recipe.loss_scale if recipe else None
     # Evaluation: forward only, eval batch size, the recipe's precision.
     eval_data = data.batchify(tokens[:(cfg.steps * cfg.bptt + 1) * training.EVAL_BATCH_SIZE],
@@ -185,6 +188,7 @@ def measure(name, cfg, device, tokens):
         'eval_ms_per_batch': 1000 * eval_elapsed / eval_batches,
         'eval_tokens_per_s': (eval_data.size(0) - 1) * training.EVAL_BATCH_SIZE / eval_elapsed,
         'skipped_steps': skipped, 'final_loss_scale': scale, 'last_loss': loss.item(),
+        'matmul_dtypes': matmul_dtypes,
     }
 
 
@@ -227,6 +231,8 @@ def parse_args(argv):
     p.add_argument('--recipes', default=None, help=f'comma-separated subset of {",".join(RECIPES)}')
     p.add_argument('--json', default=None, help='write the results here')
     p.add_argument('--profile', action='store_true', help='also print a profile of 3 steps of each recipe')
+    p.add_argument('--in-process', action='store_true',
+                   help='on the CPU, run every recipe in this process (quicker; peak memory is then the largest so far)')
     p.add_argument('--one', help=argparse.SUPPRESS)  # run one recipe in this process, print its JSON
     cli.add_device_flags(p)
     cfg = p.parse_args(argv)
@@ -301,7 +307,7 @@ def main(argv=None):
         for n, name in enumerate(order, 1):
             print(f'| round {round_}/{cfg.rounds} [{n}/{len(names)}] {name}: '
                   f'{cfg.warmup} warm-up + {cfg.steps} timed steps ...', flush=True)
-            if device.type == 'cpu':  # own process, own max RSS
+            if device.type == 'cpu' and not cfg.in_process:  # own process, own max RSS
                 out = run_in_own_process(name, argv)
                 if out.returncode:
                     sys.stderr.write(out.stderr)

@@ -325,14 +325,14 @@ def select_device(args, world=None):
     if args.cuda:
         if not torch.cuda.is_available():
             raise UsageError('--cuda was given but no CUDA device is available.')
-        return torch.device('cuda', world.local_rank) if world and world.size > 1 else torch.device('cuda')
+        return torch.device('cuda', world.local_rank) if world and not world.alone else torch.device('cuda')
     if args.accel:
         if not torch.accelerator.is_available():
             print('| --accel: torch.accelerator finds no accelerator (CUDA, MPS, XPU, ...), so this runs on the CPU',
                   flush=True)
             return torch.device('cpu')
         device = torch.accelerator.current_accelerator()
-        return torch.device(device.type, world.local_rank) if world and world.size > 1 else device
+        return torch.device(device.type, world.local_rank) if world and not world.alone else device
     if torch.cuda.is_available():
         print('WARNING: You have a CUDA device, so you should probably run with --cuda')
     return torch.device('cpu')

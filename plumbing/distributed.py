@@ -40,6 +40,9 @@ class World:
         self.rank = int(os.environ.get('RANK', 0))
         self.size = int(os.environ.get('WORLD_SIZE', 1))
         self.local_rank = int(os.environ.get('LOCAL_RANK', 0))
+        # Under torchrun even one process joins a process group (NCCL or gloo), so that
+        # `torchrun --nproc_per_node 1` runs the code of many ranks; started plainly, a process is alone.
+        self.alone = self.size == 1 and 'TORCHELASTIC_RUN_ID' not in os.environ
         self.cpu_group = None  # the group that exchanges CPU objects (RNG states, stop requests)
 
     @property
@@ -49,7 +52,7 @@ class World:
 
     def start(self, device):
         """Join the other ranks: NCCL between GPUs, gloo on the CPU. The other ranks print nothing."""
-        if self.size == 1:
+        if self.alone:
             return
         if device.type == 'cuda':
             torch.cuda.set_device(device)
@@ -62,7 +65,7 @@ class World:
 
     def close(self):
         """Leave together: a rank that tears its connections down while others still use them can crash."""
-        if self.size > 1 and dist.is_initialized():
+        if not self.alone and dist.is_initialized():
             self.barrier()
             dist.destroy_process_group()
 
@@ -74,7 +77,7 @@ class World:
     def wrap(self, model):
         """The model to train through: under torchrun, DistributedDataParallel around it, summing the
         ranks' gradients (training.train_batch gives each rank its share of the loss: mean / ranks)."""
-        if self.size == 1:
+        if self.alone:
             return model
         device = next(model.parameters()).device
         parallel = DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None)
@@ -83,7 +86,7 @@ class World:
 
     def mean(self, tensor):
         """The mean of tensor over the ranks (tensor itself with one rank)."""
-        if self.size == 1:
+        if self.alone:
             return tensor
         tensor = tensor.clone()
         self._collective(dist.all_reduce, tensor)
@@ -91,7 +94,7 @@ class World:
 
     def any(self, flag):
         """Whether flag is true on any rank: all ranks stop after the same batch."""
-        if self.size == 1:
+        if self.alone:
             return flag
         t = torch.tensor([int(flag)])
         self._collective(dist.all_reduce, t, op=dist.ReduceOp.MAX, group=self.cpu_group)
@@ -99,7 +102,7 @@ class World:
 
     def from_main(self, value):
         """Rank 0's value (a float, or any picklable object) on every rank, so that all decide alike."""
-        if self.size == 1:
+        if self.alone:
             return value
         box = [value]
         self._collective(dist.broadcast_object_list, box, src=0, group=self.cpu_group)
@@ -107,7 +110,7 @@ class World:
 
     def gather(self, value):
         """Every rank's value (picklable, on the CPU), in rank order."""
-        if self.size == 1:
+        if self.alone:
             return [value]
         values = [None] * self.size
         self._collective(dist.all_gather_object, values, value, group=self.cpu_group)
@@ -115,7 +118,7 @@ class World:
 
     def gather_columns(self, hidden):
         """The RNN state of all the columns (None, a tensor or a tuple, batch in dim 1) from each rank's share."""
-        if self.size == 1 or hidden is None:
+        if self.alone or hidden is None:
             return hidden
         if isinstance(hidden, tuple):
             return tuple(self.gather_columns(h) for h in hidden)
@@ -125,14 +128,14 @@ class World:
 
     def my_columns(self, hidden, batch_size):
         """This rank's share of a state that holds all the columns."""
-        if self.size == 1 or hidden is None:
+        if self.alone or hidden is None:
             return hidden
         if isinstance(hidden, tuple):
             return tuple(self.my_columns(h, batch_size) for h in hidden)
         return hidden[:, self.columns(batch_size)].contiguous()
 
     def barrier(self):
-        if self.size > 1:
+        if not self.alone:
             self._collective(dist.barrier, group=self.cpu_group)
 
     def _collective(self, function, *args, **kwargs):
@@ -159,7 +162,7 @@ def is_lost_contact(error):
     """Whether error, raised under torchrun, says that another rank is gone."""
     if isinstance(error, DistributedError):
         return True
-    return World().size > 1 and (isinstance(error, dist.DistError) or isinstance(error, RuntimeError)
+    return not World().alone and (isinstance(error, dist.DistError) or isinstance(error, RuntimeError)
                                  and any(sign in str(error) for sign in LOST_CONTACT_SIGNS))
 
 

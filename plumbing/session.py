@@ -96,7 +96,7 @@ class Session:
                                                  world.size))
         print(f'| device {setup.device} | precision {recipe.describe()} | optimizer {recipe.optimizer_name} '
               f'| vocabulary {setup.ntokens} | train tokens {len(setup.corpus.train)}', flush=True)
-        if world.size > 1:
+        if not world.alone:
             print(f'| torchrun: {world.size} processes, {args.batch_size // world.size} of the '
                   f'{args.batch_size} columns each', flush=True)
         if args.dry_run:
