@@ -1,5 +1,4 @@
-"""grad_stats.py: fp16's classes counted at the edges they are defined by, the activations' gradients
-hooked once each, a run on a tiny model and corpus, one sentence for bad flags, and the picture."""
+"""grad_stats.py: fp16's classes counted at their edges, the hooks, a run, bad flags, the picture."""
 import argparse
 import math
 import re

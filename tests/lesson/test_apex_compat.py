@@ -1,11 +1,4 @@
-"""fp16_utils as a drop-in for apex.fp16_utils (apex's last version, before it was removed in 2025).
-
-Written the way apex users wrote their code: `from fp16_utils import *` and the names it
-gives; the word-language-model example's manual recipe; FP16_Optimizer loops, with and
-without closures (SGD and LBFGS); checkpoints; the exact sequences of a dynamic loss scale
-under injected overflows; state dicts saved by apex itself; model conversion. Everything
-runs on the CPU in fp16 with tiny models.
-"""
+"""fp16_utils as a drop-in for apex.fp16_utils, written the way apex users wrote their code."""
 import inspect
 import math
 import pickle
