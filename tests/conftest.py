@@ -32,6 +32,16 @@ if cpu_fp16_matmul.fp16_is_emulated(torch.device('cpu')):
     cpu_fp16_matmul.use_fp32_products()
 
 
+@pytest.fixture(autouse=True)
+def one_intra_op_thread():
+    """One intra-op thread in every test, as ENV gives the script runs: the models are tiny, and OpenMP
+    threads spinning on a busy 2-core machine slow each step down several times."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope='session')
 def repo():
     return REPO

@@ -25,16 +25,6 @@ ADAMW_RECIPES = {  # name: recipe(model, adamw)
 SCALED = ['amp', 'fp16-manual', 'fp16-optimizer-static', 'fp16-optimizer-dynamic']  # may skip a step
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """One intra-op thread, as for the script runs: on a busy 2-core machine the tiny steps here
-    take seconds with more."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def step(model, recipe, seed=3):
     """One forward and recipe.step; whether the update was made."""
     inputs, targets = batch(seed)

@@ -30,16 +30,6 @@ INF = float('inf')
 NTOKEN, BSZ, BPTT = 20, 4, 6
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """One intra-op thread, as for the script runs (conftest.ENV): on a busy 2-core machine a
-    multi-threaded fp16 matmul of these tiny sizes takes milliseconds instead of microseconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------- data and models
 
 def lm_batches(n=8, seed=0):

@@ -1,5 +1,4 @@
 """data.py: Dictionary, Corpus (tokens, padding, unusable splits), batchify, get_batch."""
-import random
 
 import pytest
 import torch
@@ -7,20 +6,6 @@ import torch
 import data
 from conftest import write_corpus
 from plumbing import errors
-
-
-def reference_tokens(paths):
-    """The original example's tokenizer: a plain loop, line.split() + ['<eos>'], Dictionary.add_word."""
-    dictionary = data.Dictionary()
-    streams = []
-    for path in paths:
-        ids = []
-        with open(path, encoding='utf-8') as f:
-            for line in f:
-                for word in line.split() + ['<eos>']:
-                    ids.append(dictionary.add_word(word))
-        streams.append(ids)
-    return dictionary, streams
 
 
 def words_of(corpus, ids):
@@ -93,35 +78,6 @@ def test_default_corpus_is_not_padded(tmp_path):
     write_corpus(tmp_path, 'a b c d e\n', 'e\n', 'f g\n')
     c = data.Corpus(str(tmp_path))
     assert len(c.dictionary) == 8 and c.dictionary.padding == []
-
-
-def test_tokens_match_naive_reference_on_random_corpus(tmp_path):
-    """A random corpus with odd whitespace, bigger than the tokenizer's 1 MiB read chunk."""
-    rng = random.Random(1234)
-    vocab = [''.join(rng.choice('abcdefghijklmnopqrstuvwxyzé中') for _ in range(rng.randint(1, 8)))
-             for _ in range(3000)] + ['<unk>', '@-@', '<eos>']
-    seps = [' ', ' ', ' ', '  ', '\t', ' \x0c ', '\u3000', '\u2028']
-    ends = ['\n', '\n', '\n', '\r\n', '\r', ' \n', '\n\n', '\t\n']
-
-    def text(nlines):
-        out = []
-        for _ in range(nlines):
-            n = rng.choice([0, 0, 1, 5, 12, 30])
-            words = [rng.choice(vocab) for _ in range(n)]
-            line = ''.join(w + rng.choice(seps) for w in words)
-            out.append(rng.choice(['', ' ', '\t']) + line + rng.choice(ends))
-        return ''.join(out).rstrip('\n\r')  # last line without a newline
-
-    splits = [text(120_000), text(3000), text(3000)]
-    write_corpus(tmp_path, *splits)
-    assert (tmp_path / 'train.txt').stat().st_size > (1 << 20)
-    c = data.Corpus(str(tmp_path))
-    ref_dict, ref_streams = reference_tokens([tmp_path / f'{s}.txt' for s in ('train', 'valid', 'test')])
-    assert c.dictionary.idx2word == ref_dict.idx2word
-    assert c.dictionary.word2idx == ref_dict.word2idx
-    assert c.train.tolist() == ref_streams[0]
-    assert c.valid.tolist() == ref_streams[1]
-    assert c.test.tolist() == ref_streams[2]
 
 
 # ---------------------------------------------------------------- batchify / get_batch

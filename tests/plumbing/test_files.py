@@ -79,11 +79,6 @@ def test_atomic_write_relative_path(tmp_path, monkeypatch):
     assert not temp_files(tmp_path)
 
 
-def files_of(directory):
-    """{name: bytes} of the files in directory."""
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
-
-
 # ---------------------------------------------------------------- one run per --save
 
 def test_one_run_per_save_and_a_killed_run_blocks_nothing(tmp_path, call_script, corpus_dir):
