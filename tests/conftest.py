@@ -1,5 +1,6 @@
-"""Shared helpers for the test suite: the repository root, tiny corpora, script runs
-(real processes, and in this process through cli.run), and the checks of a clean failure."""
+"""Shared by tests/lesson, tests/plumbing and tests/scripts: the repository root, tiny corpora, script runs
+(real processes, and in this process through cli.run), the checks of a clean failure, tiny models and
+batches, the flags of small runs, and session-wide runs (stopped, resumed) that several files read."""
 import contextlib
 import importlib
 import json
@@ -17,14 +18,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from model import RNNModel
-from plumbing import checkpoint
-
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from plumbing import cpu_fp16_matmul  # noqa: E402  (needs the path above)
+from model import RNNModel  # noqa: E402  (needs the path above)
+from plumbing import checkpoint, cpu_fp16_matmul  # noqa: E402
 
 # fp16 products as the scripts compute them on this CPU (cpu_fp16_matmul.prepare), from the first
 # test on: in-process runs then match the scripts run as processes, whatever order tests run in.
@@ -183,6 +182,8 @@ def error_line(proc, script, rc):
     return lines[0]
 
 
+# ---------------------------------------------------------------- tiny models, batches and runs
+
 NTOKEN, BSZ, SEQ = 40, 4, 6
 
 
@@ -264,7 +265,7 @@ def assert_clean_error(proc, script, rc, *needles):
         assert needle in line, line
 
 
-# ---------------------------------------------------------------- --resume questions every field and flag
+# ---------------------------------------------------------------- runs several test files read
 
 @pytest.fixture(scope='session')
 def stopped_run(tmp_path_factory, corpus_dir):
