@@ -212,18 +212,6 @@ TINY_RUN = ['--emsize', 16, '--nhid', 16, '--batch_size', 8, '--bptt', 10, '--lo
 
 TRANSFORMER = ['--model', 'Transformer', '--emsize', 16, '--nhid', 32, '--nhead', 2, '--nlayers', 2,
                '--batch_size', 8, '--bptt', 10, '--log-interval', 5, '--lr', 5, '--save', 'model.pt']
-LOSS_RE = re.compile(r'^\| epoch +\d+ \| .*\| loss +(\d+\.\d+) \|', re.M)
-
-TRANSFORMER_RECIPES = {  # the recipe's name: (script, flags)
-    'fp32': ('main.py', []),
-    'fp16-manual': ('main.py', ['--fp16']),
-    'fp16-optimizer-static': ('main_fp16_optimizer.py', ['--fp16']),
-    'fp16-optimizer-dynamic': ('main_fp16_optimizer.py', ['--fp16', '--dynamic-loss-scale']),
-    'amp': ('main.py', ['--amp']),
-    'bf16': ('main.py', ['--bf16']),
-}
-
-
 def torchrun(script, *args, cwd, nproc=2, timeout=120):
     """torchrun --standalone --nproc_per_node nproc SCRIPT ARGS, in cwd; the CompletedProcess."""
     env = dict(os.environ, **ENV, PYTHONUNBUFFERED='1', CUDA_VISIBLE_DEVICES='')
@@ -244,16 +232,9 @@ def losses(recs):
     return [(r['kind'], r.get('epoch'), r.get('batch'), r.get('loss', r.get('valid_loss', r.get('test_loss'))),
              r.get('loss_scale'), r.get('skipped')) for r in recs if r['kind'] != 'run']
 
-TIMINGS = {'elapsed', 'ms_per_batch', 'tokens_per_s', 'epoch_seconds'}  # differ from run to run
-
-
 def records(directory):
     return [json.loads(line) for line in (directory / 'model.pt.metrics.jsonl').read_text().splitlines()]
 
-
-def without_timings(recs):
-    """The records but the run records, timings left out: what a resumed run must repeat exactly."""
-    return [{k: v for k, v in r.items() if k not in TIMINGS} for r in recs if r['kind'] != 'run']
 
 TRAIN_ARGS = ['--epochs', 2, '--emsize', 16, '--nhid', 16, '--batch_size', 8, '--bptt', 10,
               '--log-interval', 5, '--save', 'model.pt', '--lr', 5, '--dropout', 0]
@@ -312,14 +293,6 @@ def assert_unchanged(before, root, written=()):
     assert not changed, f'changed: {changed}'
 
 
-def assert_whole_json_lines(path):
-    """A metrics file: every line a whole JSON record."""
-    text = Path(path).read_text()
-    assert text.endswith('\n')
-    for line in text.splitlines():
-        json.loads(line)
-
-
 def normalized(line):
     return TIMING_RE.sub(r'\1 _', line.rstrip())
 
@@ -349,10 +322,6 @@ def end_line(out):
     m = END_RE.search(out)
     assert m, out
     return m.group(0)
-
-
-def weights_equal(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 RESUME_CONFIGS = {

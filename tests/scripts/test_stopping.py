@@ -1,4 +1,5 @@
 """Signals and a closed output in real runs: stop after the batch, a second signal quits, whole files only."""
+import json
 import os
 import pty
 import random
@@ -15,12 +16,20 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import (ENV, REPO, SMALL, assert_whole_json_lines, describe, end_line, error_line, finish, read_until,
-                      run_script, start_training, structured_text, temp_files, write_corpus)
+from conftest import (ENV, REPO, SMALL, describe, end_line, error_line, finish, read_until, run_script, start_training,
+                      structured_text, temp_files, write_corpus)
 from model import RNNModel
 from plumbing import checkpoint
 
 # ---------------------------------------------------------------- helpers
+
+def assert_whole_json_lines(path):
+    """A metrics file: every line a whole JSON record."""
+    text = Path(path).read_text()
+    assert text.endswith('\n')
+    for line in text.splitlines():
+        json.loads(line)
+
 
 @pytest.fixture
 def start():

@@ -7,10 +7,19 @@ import torch
 
 import data
 import recipes
-from conftest import (ADAMW_FLAGS, ADAMW_LR, ENV, LOSS_RE, SMALL, TINY_RUN, TRAIN_ARGS, TRANSFORMER,
-                      TRANSFORMER_RECIPES, describe, end_line, file_mode, header, progress_by_epoch, run_real,
-                      run_script, temp_files)
+from conftest import (ADAMW_FLAGS, ADAMW_LR, ENV, SMALL, TINY_RUN, TRAIN_ARGS, TRANSFORMER, describe, end_line,
+                      file_mode, header, progress_by_epoch, run_real, run_script, temp_files)
 from plumbing import checkpoint
+
+LOSS_RE = re.compile(r'^\| epoch +\d+ \| .*\| loss +(\d+\.\d+) \|', re.M)
+TRANSFORMER_RECIPES = {  # the recipe's name: (script, flags)
+    'fp32': ('main.py', []),
+    'fp16-manual': ('main.py', ['--fp16']),
+    'fp16-optimizer-static': ('main_fp16_optimizer.py', ['--fp16']),
+    'fp16-optimizer-dynamic': ('main_fp16_optimizer.py', ['--fp16', '--dynamic-loss-scale']),
+    'amp': ('main.py', ['--amp']),
+    'bf16': ('main.py', ['--bf16']),
+}
 
 
 @pytest.mark.parametrize('script', ['main.py', 'main_fp16_optimizer.py'])
