@@ -248,6 +248,29 @@ def assert_clean_error(proc, script, rc, *needles):
 
 # ---------------------------------------------------------------- runs several test files read
 
+RUNS = {
+    'main-fp32': ('main.py', []),
+    'main-fp16': ('main.py', ['--fp16']),
+    'fp16opt-static': ('main_fp16_optimizer.py', ['--fp16']),
+    'fp16opt-dynamic': ('main_fp16_optimizer.py', ['--fp16', '--dynamic-loss-scale']),
+}
+
+
+@pytest.fixture(scope='session')
+def training_runs(tmp_path_factory, corpus_dir):
+    """Runs each configuration once, on first use: name -> (CompletedProcess, working directory)."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            script, extra = RUNS[name]
+            cwd = tmp_path_factory.mktemp(name)
+            proc = run_script(script, '--data', corpus_dir, *TRAIN_ARGS, *extra, cwd=cwd, env=ENV, umask=0o022)
+            cache[name] = (proc, cwd)
+        return cache[name]
+    return get
+
+
 @pytest.fixture(scope='session')
 def stopped_run(tmp_path_factory, corpus_dir):
     """A run stopped by SIGINT in epoch 2: its directory (model.pt, model.pt.resume) and output."""

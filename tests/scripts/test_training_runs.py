@@ -7,7 +7,7 @@ import torch
 
 import data
 import recipes
-from conftest import (ADAMW_FLAGS, ADAMW_LR, ENV, SMALL, TINY_RUN, TRAIN_ARGS, TRANSFORMER, describe, end_line,
+from conftest import (ADAMW_FLAGS, ADAMW_LR, ENV, RUNS, SMALL, TINY_RUN, TRAIN_ARGS, TRANSFORMER, describe, end_line,
                       file_mode, header, progress_by_epoch, run_real, run_script, temp_files)
 from plumbing import checkpoint
 
@@ -92,32 +92,12 @@ def test_transformer_ties_with_any_nhid(corpus_dir, tmp_path, call_script):
     proc = call_script('main.py', '--data', corpus_dir, *TRANSFORMER, '--tied', '--epochs', 1, cwd=tmp_path)
     assert proc.returncode == 0, describe(proc)
     assert checkpoint.load_model(str(tmp_path / 'model.pt'))[0].decoder.weight.shape == (24, 16)
-ONE_EPOCH = ['--epochs', 1, *TRAIN_ARGS[2:]]
 
-RUNS = {
-    'main-fp32': ('main.py', []),
-    'main-fp16': ('main.py', ['--fp16']),
-    'fp16opt-static': ('main_fp16_optimizer.py', ['--fp16']),
-    'fp16opt-dynamic': ('main_fp16_optimizer.py', ['--fp16', '--dynamic-loss-scale']),
-}
+
+ONE_EPOCH = ['--epochs', 1, *TRAIN_ARGS[2:]]
 
 BATCH_LOSS_RE = re.compile(r'^\| epoch +\d+ \| +\d+/ *(\d+) batches .*\| loss +(\d+\.\d+) \|', re.M)
 END_VALUES_RE = re.compile(r'\| End of training \| test loss +(\d+\.\d+) \| test ppl +(\S+)')
-
-
-@pytest.fixture(scope='module')
-def training_runs(tmp_path_factory, corpus_dir):
-    """Runs each configuration once, on first use: name -> (CompletedProcess, working directory)."""
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            script, extra = RUNS[name]
-            cwd = tmp_path_factory.mktemp(name)
-            proc = run_script(script, '--data', corpus_dir, *TRAIN_ARGS, *extra, cwd=cwd, env=ENV, umask=0o022)
-            cache[name] = (proc, cwd)
-        return cache[name]
-    return get
 
 
 @pytest.mark.parametrize('name', list(RUNS))
