@@ -1,5 +1,6 @@
 """Signals and a closed output in real runs: stop after the batch, a second signal quits, whole files only."""
 import json
+import math
 import os
 import pty
 import random
@@ -338,7 +339,7 @@ def test_signal_stops_after_the_batch(signame, expected_rc, tmp_path, corpus_dir
     state = ckpt['resume']['progress']
     assert (f'Exiting from training early at epoch {state["epoch"]}, batch {state["next_batch"]}; '
             'continue with --resume model.pt.resume') in out
-    end_line(out)
+    assert math.isfinite(float(re.search(r'test loss +(\S+)', end_line(out)).group(1)))  # the test still ran
     assert not temp_files(tmp_path)
 
     finished = out.count('| end of epoch')
