@@ -41,6 +41,17 @@ def one_intra_op_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def signal_dispositions_restored():
+    """SIGINT, SIGTERM and SIGHUP as they were before each test: an in-process run that leaves one ignored
+    would pass SIG_IGN on to every script started later, and the scripts keep an ignored signal ignored."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    yield
+    for s, handler in before.items():
+        if signal.getsignal(s) is not handler and handler is not None:
+            signal.signal(s, handler)
+
+
 @pytest.fixture(scope='session')
 def repo():
     return REPO
