@@ -1,7 +1,6 @@
 """The boundary: the lesson at the top level, the plumbing behind one package, imports crossing one way."""
 import ast
 import inspect
-from pathlib import Path
 
 import pytest
 

@@ -8,7 +8,6 @@ import sys
 import threading
 
 import pytest
-import torch
 
 from conftest import ENV, REPO, describe, error_line
 from plumbing import session

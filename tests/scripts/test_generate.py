@@ -1,11 +1,93 @@
-"""generate.py --prompt: the model reads the prompt first and continues it; --outf holds the prompt on its
-first line; words the model does not know are a usage error. A model trained on one repeated line of
-16 words predicts the next word of that line, so a prompt makes its continuation predictable."""
+"""generate.py: words from a checkpoint, --prompt, temperature, and checkpoints it cannot use."""
 import pytest
+import torch
 
 import generate as generate_script
-from conftest import ENV, describe, error_line, run_script, write_corpus
+from conftest import ENV, assert_clean_error, describe, error_line, file_mode, run_script, temp_files, write_corpus
 from plumbing import checkpoint, errors
+
+
+@pytest.mark.parametrize('context', [0, 5001])
+def test_generate_refuses_a_context_the_transformer_cannot_read(context, tmp_path, call_script):
+    (tmp_path / 'model.pt').write_bytes(b'')  # the flags are checked before the checkpoint is read
+    proc = call_script('generate.py', '--checkpoint', 'model.pt', '--context', context, cwd=tmp_path)
+    line = error_line(proc, 'generate.py', 2)
+    assert line == f'generate.py: error: --context must be between 1 and 5000 (got {context}).'
+
+
+# ---------------------------------------------------------------- generate.py
+
+@pytest.fixture(scope='module')
+def fp16_checkpoint(training_runs):
+    proc, cwd = training_runs('main-fp16')
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return cwd / 'model.pt'
+
+
+def test_generate_words(tmp_path, fp16_checkpoint):
+    proc = run_script('generate.py', '--checkpoint', fp16_checkpoint, '--words', 57, '--outf', 'out.txt',
+                      cwd=tmp_path, env=ENV, umask=0o022)
+    assert proc.returncode == 0, describe(proc)
+    assert 'Traceback' not in proc.stdout + proc.stderr, describe(proc)
+    text = (tmp_path / 'out.txt').read_text(encoding='utf-8')
+    lines = text.splitlines()
+    assert [len(line.split()) for line in lines] == [20, 20, 17]
+    vocab = checkpoint.load(str(fp16_checkpoint))['vocab']
+    padding_words = {vocab['idx2word'][i] for i in vocab['padding']}
+    assert padding_words  # the tiny vocabulary was padded: the check below means something
+    words = text.split()
+    assert len(words) == 57
+    assert set(words) <= set(vocab['idx2word'])
+    assert not set(words) & padding_words
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['out.txt']  # no temporary file left
+    assert file_mode(tmp_path / 'out.txt') == 0o644
+
+
+def test_generate_never_samples_padding(tmp_path, fp16_checkpoint):
+    # At a high temperature the distribution is nearly uniform: unmasked padding would show up.
+    proc = run_script('generate.py', '--checkpoint', fp16_checkpoint, '--words', 600, '--temperature', 100,
+                      '--outf', 'hot.txt', cwd=tmp_path, env=ENV)
+    assert proc.returncode == 0, describe(proc)
+    vocab = checkpoint.load(str(fp16_checkpoint))['vocab']
+    padding_words = {vocab['idx2word'][i] for i in vocab['padding']}
+    words = (tmp_path / 'hot.txt').read_text(encoding='utf-8').split()
+    assert len(words) == 600
+    assert not set(words) & padding_words
+    real = set(vocab['idx2word']) - padding_words
+    assert len(set(words)) > len(real) // 2  # high temperature: many different words
+
+
+def test_generate_temperature_zero(tmp_path, call_script, fp16_checkpoint):
+    proc = call_script('generate.py', '--checkpoint', fp16_checkpoint, '--temperature', 0, '--outf', 'out.txt',
+                       cwd=tmp_path)
+    assert_clean_error(proc, 'generate.py', 2, '--temperature', '(got 0)')
+    assert not (tmp_path / 'out.txt').exists()
+
+
+def test_generate_missing_checkpoint(tmp_path, call_script):
+    proc = call_script('generate.py', '--checkpoint', 'no-such-model.pt', '--outf', 'out.txt', cwd=tmp_path)
+    assert_clean_error(proc, 'generate.py', 2, '--checkpoint no-such-model.pt: no such file.')
+    assert not (tmp_path / 'out.txt').exists()
+
+
+@pytest.mark.parametrize('kind', ['text', 'binary-junk', 'truncated', 'pickled-module', 'foreign-dict'])
+def test_generate_unusable_checkpoint(tmp_path, call_script, fp16_checkpoint, kind):
+    bad = tmp_path / 'bad.pt'
+    if kind == 'text':
+        bad.write_bytes(b'hello world\n')  # e.g. a text file passed by mistake
+    elif kind == 'binary-junk':
+        bad.write_bytes(b'this is not a checkpoint\x00' * 10)
+    elif kind == 'truncated':
+        good = fp16_checkpoint.read_bytes()
+        bad.write_bytes(good[:len(good) // 2])
+    elif kind == 'pickled-module':
+        torch.save(torch.nn.Linear(2, 2), bad)  # what the original example saved: refused under weights_only
+    else:
+        torch.save({'model': {}}, bad)
+    proc = call_script('generate.py', '--checkpoint', 'bad.pt', '--outf', 'out.txt', cwd=tmp_path)
+    assert_clean_error(proc, 'generate.py', 1, 'bad.pt')
+    assert not (tmp_path / 'out.txt').exists()
+    assert not temp_files(tmp_path)
 
 CYCLE = [f'w{i}' for i in range(16)]
 

@@ -1,5 +1,4 @@
-"""main.py's ManualFP16Recipe: fp32 masters, unscaling, clipping, skipping non-finite steps
-(step returns False; the training loop counts and reports the skips), its state for --resume."""
+"""main.py's ManualFP16Recipe: fp32 masters, unscaling, clipping, skipped steps, its state."""
 import copy
 
 import pytest

@@ -6,19 +6,7 @@ import torch
 
 import main_fp16_optimizer
 import training
-from model import RNNModel
-
-NTOKEN, BSZ, SEQ = 40, 4, 6
-
-
-def tiny_model(seed=0):
-    torch.manual_seed(seed)
-    return RNNModel('LSTM', NTOKEN, 16, 16, 1, dropout=0.0)
-
-
-def batch(seed=3):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(NTOKEN, (SEQ, BSZ), generator=g), torch.randint(NTOKEN, (SEQ * BSZ,), generator=g)
+from conftest import BSZ, batch, tiny_model
 
 
 def step(model, recipe, seed=3):

@@ -1,4 +1,4 @@
-"""The CPU-only chunked cross-entropy computes F.cross_entropy's loss and gradient."""
+"""plumbing/chunked_cross_entropy.py: F.cross_entropy's loss and gradient, on the CPU in chunks."""
 import pytest
 import torch
 import torch.nn.functional as F

@@ -1,63 +1,16 @@
-"""Today's recipes beside the classic ones (recipes.py: fp32, --amp, --bf16), flag conflicts, devices."""
+"""recipes.py: AutocastRecipe (fp32, --amp, --bf16) and from_flags; the fp16 recipes on a Transformer."""
 import argparse
 import math
-import re
-import subprocess
 
 import pytest
 import torch
 
 import recipes
 import training
-from conftest import ENV, describe, error_line, run_script
-from model import RNNModel
+from main import ManualFP16Recipe
+from main_fp16_optimizer import FP16OptimizerRecipe
+from model import RNNModel, TransformerModel
 from plumbing import errors
-
-TRAIN_ARGS = ['--epochs', 2, '--emsize', 16, '--nhid', 16, '--batch_size', 8, '--bptt', 10,
-              '--log-interval', 5, '--save', 'model.pt', '--lr', 5, '--dropout', 0]
-LOSS_RE = re.compile(r'^\| epoch +\d+ \| .*\| loss +(\d+\.\d+) \|', re.M)
-
-
-@pytest.mark.parametrize('script', ['main.py', 'main_fp16_optimizer.py'])
-@pytest.mark.parametrize('mode, header', [('--amp', 'amp: autocast float16'), ('--bf16', 'bf16: autocast bfloat16')])
-def test_autocast_modes_train(script, mode, header, corpus_dir, tmp_path):
-    proc = run_script(script, '--data', corpus_dir, *TRAIN_ARGS, mode, cwd=tmp_path, env=ENV)
-    assert proc.returncode == 0, describe(proc)
-    assert 'Traceback' not in proc.stdout + proc.stderr, describe(proc)
-    assert f'| precision {header}' in proc.stdout
-    assert 'static_loss_scale' not in proc.stdout
-    losses = [float(x) for x in LOSS_RE.findall(proc.stdout)]
-    assert len(losses) >= 4 and losses[-1] < losses[0], losses
-    if mode == '--amp':  # the loss scale is logged with GradScaler's initial 2**16
-        assert '| loss scale 65536' in proc.stdout
-    else:
-        assert '| loss scale' not in proc.stdout
-    assert re.search(r'\| End of training \| test loss +\d+\.\d+ \| test ppl', proc.stdout)
-    assert (tmp_path / 'model.pt').exists()
-
-
-@pytest.mark.parametrize('script', ['main.py', 'main_fp16_optimizer.py'])
-@pytest.mark.parametrize('flags', [['--fp16', '--amp'], ['--amp', '--bf16'], ['--fp16', '--bf16']])
-def test_conflicting_precision_flags(flags, script, tmp_path, call_script, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        call_script(script, *flags, cwd=tmp_path)
-    out, err = capsys.readouterr()
-    proc = subprocess.CompletedProcess(flags, exit_.value.code, out, err)
-    line = error_line(proc, script, 2)
-    assert re.fullmatch(rf'{script}: error: argument --\w+: not allowed with argument --\w+', line), line
-    assert set(re.findall(r'--\w+', line)) == set(flags), line
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_missing_accelerator_is_a_clear_error(corpus_dir, tmp_path, call_script):
-    """call_script hides accelerators, as run_script does: --accel must fail with one clear line."""
-    (tmp_path / 'model.pt').write_bytes(b'')  # generate.py checks that the file exists before the device
-    for script, extra in (('main.py', ['--data', corpus_dir]), ('main_fp16_optimizer.py', ['--data', corpus_dir]),
-                          ('generate.py', ['--checkpoint', 'model.pt'])):
-        proc = call_script(script, '--accel', *extra, cwd=tmp_path)
-        line = error_line(proc, script, 2)
-        assert line == f'{script}: error: --accel was given but torch.accelerator finds no accelerator (CUDA, MPS, XPU, ...).'
-    assert sorted(p.name for p in tmp_path.iterdir()) == ['model.pt']
 
 
 def recipe(model, mode='fp32', lr=1.0, clip=10.0):
@@ -184,3 +137,30 @@ def test_amp_non_finite_loss_raises():
         model.decoder.bias[0] = math.inf
     with pytest.raises(errors.TrainingDiverged):
         training.train_batch(model, r, *tiny_batch(), model.init_hidden(3))
+
+
+FP16_RECIPES = {
+    'fp16-manual': lambda model: ManualFP16Recipe(model, 1.0, 100.0, 128.0),
+    'fp16-optimizer-static': lambda model: FP16OptimizerRecipe(model, 1.0, 100.0, 128.0),
+    'fp16-optimizer-dynamic': lambda model: FP16OptimizerRecipe(model, 1.0, 100.0, dynamic_loss_scale=True),
+}
+
+
+@pytest.mark.parametrize('recipe', list(FP16_RECIPES))
+def test_fp16_recipes_update_the_fp32_layer_norms_as_fp32_does(recipe):
+    """The LayerNorms stay fp32 in an fp16 model: their grads are unscaled and their update is the fp32 recipe's."""
+    g = torch.Generator().manual_seed(0)
+    inputs, targets = torch.randint(24, (6, 3), generator=g), torch.randint(24, (18,), generator=g)
+    torch.manual_seed(0)
+    reference = TransformerModel(24, 16, 2, 32, 1, dropout=0.0)
+    initial = reference.transformer.layers[0].norm1.weight.detach().clone()
+    training.train_batch(reference, recipes.AutocastRecipe(reference, 1.0, 100.0), inputs, targets, None)
+    torch.manual_seed(0)
+    model = TransformerModel(24, 16, 2, 32, 1, dropout=0.0)
+    _, hidden, updated = training.train_batch(model, FP16_RECIPES[recipe](model), inputs, targets, None)
+    assert updated and hidden is None
+    norm = model.transformer.layers[0].norm1.weight
+    assert norm.dtype == torch.float32 and model.encoder.weight.dtype == torch.float16
+    expected = reference.transformer.layers[0].norm1.weight.detach() - initial
+    assert expected.abs().max() > 1e-3
+    assert ((norm.detach() - initial) - expected).norm() / expected.norm() < 0.05

@@ -1,5 +1,4 @@
-"""--onnx-export: checked at start-up (its optional packages, its path), then the best model written
-as an fp32 ONNX graph whose logits are PyTorch's. The export tests skip without requirements-onnx.txt."""
+"""plumbing/onnx_export.py: --onnx-export checked at start-up, then the best model as an fp32 ONNX graph."""
 import importlib.util
 from types import SimpleNamespace
 

@@ -1,4 +1,4 @@
-"""cpu_fp16_matmul: fp16 products as fp32 products rounded once, on CPUs without fp16 arithmetic."""
+"""plumbing/cpu_fp16_matmul.py: fp16 products as fp32 products rounded once, on CPUs without fp16 arithmetic."""
 import json
 import subprocess
 import sys

@@ -1,4 +1,4 @@
-"""cli.guarded_main: the one place errors become an exit code and one 'SCRIPT: error: ' line."""
+"""plumbing/cli.py: guarded_main's exit codes and error line; the training flags' checks."""
 import sys
 
 import pytest
@@ -88,3 +88,29 @@ def test_prog_names_a_module_run_with_dash_m(script_path, capsys):
     assert capsys.readouterr().err == 'python3 -m benchmarks.recipes: error: --steps must be at least 1 (got 0).\n'
 
 
+# ---------------------------------------------------------------- the loss-scale warning
+
+@pytest.mark.parametrize('flags, scale, warned', [
+    ([], 1.0, False),
+    (['--static-loss-scale', '1'], 1.0, False),
+    (['--static-loss-scale', '64'], 1.0, True),
+    (['--amp', '--static-loss-scale', '64'], 1.0, True),
+    (['--fp16'], 128.0, False),
+    (['--fp16', '--static-loss-scale', '64'], 64.0, False),
+])
+def test_static_loss_scale_warning_and_default(flags, scale, warned, capsys):
+    """--static-loss-scale defaults to 128 with --fp16, else 1; a scale the user gave without --fp16
+    is reset to 1 with a warning; no warning otherwise."""
+    from plumbing import cli
+    args = cli.training_parser('test').parse_args(['--data', '.', *flags])
+    assert args.static_loss_scale == (float(flags[flags.index('--static-loss-scale') + 1])
+                                      if '--static-loss-scale' in flags else None)
+    cli.check_training_args(args)
+    assert args.static_loss_scale == scale
+    out, err = capsys.readouterr()
+    warning = ('Warning:  static_loss_scale != 1.0 is only necessary with --fp16. '
+               'Resetting static_loss_scale to 1.0')
+    assert (warning in out.splitlines()) == warned, out
+    assert 'static_loss_scale' not in err
+    if not warned:
+        assert 'static_loss_scale' not in out

@@ -1,9 +1,10 @@
-"""Checkpoints crafted to exhaust memory or time (issue 13, class 7): a member that inflates to far more
-than the file, model_args that ask for more than the file's tensors show, and vocabularies of the
-wrong types or ranges. Each is refused with one sentence before anything big is allocated or built."""
+"""plumbing/checkpoint.py: unusable and hostile checkpoints refused in one sentence; SAVE.resume's validation and round trip."""
 import argparse
+import dataclasses
 import os
 import re
+import shlex
+import shutil
 import struct
 import subprocess
 import sys
@@ -14,9 +15,63 @@ import pytest
 import torch
 
 import data
-from conftest import ENV, REPO, error_line
-from model import build_model
-from plumbing import checkpoint
+import recipes
+from conftest import ENV, NTOKEN, REPO, SMALL, assert_unchanged, describe, end_line, error_line, snapshot
+from model import RNNModel, build_model
+from plumbing import checkpoint, errors, session
+from plumbing.session import Line, Progress
+
+
+def test_save_resume_round_trip(tmp_path):
+    """load_resume restores the model, the recipe's state, the RNG and the loop's progress as saved."""
+    torch.manual_seed(0)
+    model = RNNModel('LSTM', NTOKEN, 8, 8, 1, dropout=0.0)
+    dictionary = data.Dictionary()
+    for i in range(NTOKEN):
+        dictionary.add_word(f'w{i}')
+    args = argparse.Namespace(model='LSTM', emsize=8, nhid=8, nlayers=1, tied=False, batch_size=2, bptt=3,
+                              fp16=False, amp=True, bf16=False)
+    recipe = recipes.AutocastRecipe(model, 0.5, 1.0, torch.float16)
+    recipe.scaler.scale(torch.ones(()))  # (GradScaler makes its scale on first use)
+    recipe.scaler.update(1024.0)
+    hidden = model.init_hidden(2)
+    saved = {**dataclasses.asdict(Progress(epoch=3, next_batch=4, hidden=hidden, best_val_loss=2.5, skipped=7,
+                                           epoch_skipped=2)),
+             **dataclasses.asdict(Line(line_start=2, line_loss=9.25, line_tokens=12, line_seconds=0.5)),
+             'elapsed': 1.5, 'metrics_bytes': 10}
+    path = str(tmp_path / 'model.pt.resume')
+    checkpoint.save_resume(path, model, dictionary, args, recipe, saved, [checkpoint.rng_state(torch.device('cpu'))])
+    rng_after_save = torch.get_rng_state()
+    expected_draw = torch.rand(3)
+
+    torch.manual_seed(1)
+    other = RNNModel('LSTM', NTOKEN, 8, 8, 1, dropout=0.0)
+    other_recipe = recipes.AutocastRecipe(other, 2.0, 1.0, torch.float16)
+    fields = list(saved)
+    restored = checkpoint.load_resume(path, other, dictionary, args, other_recipe, fields, nbatches=5)
+    assert torch.equal(torch.get_rng_state(), rng_after_save) and torch.equal(torch.rand(3), expected_draw)
+    assert restored.keys() == saved.keys()
+    assert {k: v for k, v in restored.items() if k != 'hidden'} == {k: v for k, v in saved.items() if k != 'hidden'}
+    assert all(torch.equal(a, b) for a, b in zip(restored['hidden'], hidden))
+    assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), model.state_dict().values()))
+    assert other_recipe.loss_scale == 1024.0 and other_recipe.optimizer.param_groups[0]['lr'] == 0.5
+    ckpt = checkpoint.load(path)
+    assert ckpt['resume']['recipe'] == 'amp' and ckpt['best_val_loss'] == 2.5
+
+    # the same flags with another recipe: refused, with both short names
+    bf16 = recipes.AutocastRecipe(other, 0.5, 1.0, torch.bfloat16)
+    with pytest.raises(errors.CannotResume, match=r'the precision recipe was amp, now bf16\.$'):
+        checkpoint.load_resume(path, other, dictionary, args, bf16, fields, nbatches=5)
+
+
+def test_transformer_progress_never_holds_a_hidden_state():
+    """check_progress: a Transformer run (initial hidden None) resumes mid-epoch with hidden None, never a tensor."""
+    progress = {**dataclasses.asdict(session.Progress(next_batch=5)), **dataclasses.asdict(session.Line(line_start=5)),
+                'elapsed': 0.0, 'metrics_bytes': 0}
+    checkpoint.check_progress(progress, nbatches=38, initial_hidden=None)
+    progress['hidden'] = torch.zeros(2, 8, 16)
+    with pytest.raises(ValueError, match='its progress field hidden is a torch.float32 tensor'):
+        checkpoint.check_progress(progress, nbatches=38, initial_hidden=None)
 
 NWORDS, WIDTH = 13, 8  # 13 words padded to 16; embedding and hidden width 8
 INFLATED = 256 * 2 ** 20  # what the deflated member inflates to (the file stays under 1 MB)
@@ -326,3 +381,172 @@ def test_rewritten_archive_still_loads(tmp_path):
     blob = stored.read_bytes()
     assert with_central_directory(blob, *central_directory(blob)) == blob
     checkpoint.load_model(str(stored))
+
+
+def tamper(path, change):
+    ckpt = checkpoint.load(str(path))
+    change(ckpt['resume'])
+    torch.save(ckpt, path)
+
+
+TAMPERED = {  # what is changed in SAVE.resume's 'resume' dict: the line names the field
+    'epoch': lambda r: r['progress'].update(epoch=-1),
+    'next_batch': lambda r: r['progress'].update(next_batch=10 ** 12),
+    'best_val_loss': lambda r: r['progress'].update(best_val_loss='low'),
+    'hidden': lambda r: r['progress'].update(hidden=tuple(h[:, :1] for h in r['progress']['hidden'])),
+    'skipped': lambda r: r['progress'].update(skipped=True),
+    'line_seconds': lambda r: r['progress'].update(line_seconds=float('nan')),
+    'rng': lambda r: r.update(rng='seed'),
+    'recipe_state': lambda r: r.update(recipe_state={'optimizer': []}),
+}
+
+
+@pytest.mark.parametrize('field', list(TAMPERED))
+def test_resume_refuses_a_tampered_field_before_training(field, tmp_path, call_script, corpus_dir, stopped_run):
+    shutil.copy(stopped_run / 'model.pt.resume', tmp_path / 'model.pt.resume')
+    tamper(tmp_path / 'model.pt.resume', TAMPERED[field])
+    proc = call_script('main.py', '--data', corpus_dir, *SMALL, '--epochs', 2, '--resume', 'model.pt.resume',
+                       cwd=tmp_path)
+    line = error_line(proc, 'main.py', 1)
+    assert line.startswith('main.py: error: model.pt.resume is damaged or incompatible: '), line
+    if field in {*session.Progress.__dataclass_fields__, *session.Line.__dataclass_fields__}:
+        assert f'its progress field {field} is ' in line, line
+    assert '| epoch' not in proc.stdout
+
+
+class CodeOnLoad:
+    """Unpickling this calls fn(*args): what a malicious checkpoint does."""
+
+    def __init__(self, fn, args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return self.fn, self.args
+
+
+def write_code_payload(kind, dest, marker):
+    fn, args = (os.system, (f'touch {shlex.quote(str(marker))}',)) if kind == 'code-system' else (open, (str(marker), 'w'))
+    torch.save({'format': checkpoint.FORMAT, 'model': CodeOnLoad(fn, args)}, dest)
+
+
+def write_bad_checkpoint(kind, base, dest, marker):
+    """A checkpoint at dest that cannot be used, made from the good one at base."""
+    if kind.startswith('code-'):
+        write_code_payload(kind, dest, marker)
+    elif kind == 'truncated':
+        blob = base.read_bytes()
+        dest.write_bytes(blob[:len(blob) // 2])
+    elif kind == 'corrupt':
+        blob = bytearray(base.read_bytes())
+        mid = len(blob) // 2
+        for i in range(mid, mid + 64):
+            blob[i] ^= 0xFF
+        dest.write_bytes(bytes(blob))
+    elif kind == 'text':
+        dest.write_text('this is a text file, not a checkpoint\n')
+    elif kind == 'plain-dict':
+        torch.save({'model': {}, 'vocab': {'idx2word': []}}, dest)
+    else:
+        ckpt = checkpoint.load(str(base))
+        if kind == 'weights-mismatch':
+            w = ckpt['model']['encoder.weight']
+            ckpt['model']['encoder.weight'] = torch.zeros(w.shape[0] + 8, w.shape[1], dtype=w.dtype)
+        elif kind == 'missing-weight':
+            del ckpt['model']['decoder.bias']
+        elif kind == 'model-args-mismatch':
+            ckpt['model_args']['nhid'] *= 2
+        elif kind == 'missing-vocab':
+            del ckpt['vocab']
+        elif kind == 'weights-not-a-dict':
+            ckpt['model'] = [1, 2, 3]
+        else:
+            raise ValueError(kind)
+        torch.save(ckpt, dest)
+
+
+REFUSED_CODE = 'refused because loading it could run code'
+BAD_CHECKPOINTS = {  # kind: what the error line must say
+    'code-system': REFUSED_CODE,
+    'code-open': REFUSED_CODE,
+    'truncated': r'truncated|corrupt',
+    'corrupt': r'corrupt|damaged',
+    'text': r'corrupt|not a PyTorch checkpoint',
+    'plain-dict': r'not a checkpoint written by this example',
+    'weights-mismatch': r'damaged or incompatible',
+    'missing-weight': r'damaged or incompatible',
+    'model-args-mismatch': r'damaged or incompatible',
+    'missing-vocab': r'damaged or incompatible',
+    'weights-not-a-dict': r'damaged or incompatible',
+}
+
+
+def test_resume_refuses_an_earlier_versions_resume_file(tmp_path, call_script, corpus_dir, resume_checkpoint):
+    """SAVE.resume as the version before the recipes wrote it (epoch, batch and update step at the top):
+    a sound checkpoint this version cannot continue, a usage error."""
+    ckpt = checkpoint.load(str(resume_checkpoint))
+    progress = ckpt['resume']['progress']
+    ckpt['resume'] = {'epoch': progress['epoch'], 'next_batch': 0, 'hidden': None, 'step': {'recipe': 'fp32'},
+                      'rng': ckpt['resume']['rng'], 'cuda_rng': []}
+    torch.save(ckpt, tmp_path / 'old.pt.resume')
+    before = snapshot(tmp_path)
+    proc = call_script('main.py', '--data', corpus_dir, *SMALL, '--epochs', 5, '--resume', 'old.pt.resume', cwd=tmp_path)
+    line = error_line(proc, 'main.py', 2)
+    assert 'old.pt.resume was written by another version of this example and cannot be resumed.' in line, line
+    assert '| epoch' not in proc.stdout
+    assert_unchanged(before, tmp_path)
+
+
+def test_resume_without_the_best_model_file(tmp_path, call_script, corpus_dir, resume_checkpoint):
+    """SAVE.resume copied alone to another directory (its run has finished 2 epochs): --resume with
+    --epochs 2 has nothing left to train and tests. The best model (SAVE) is not there: that must give a
+    clean result (test the resumed weights) or one clear line naming it, not a traceback."""
+    shutil.copy(resume_checkpoint, tmp_path / 'model.pt.resume')
+    before = snapshot(tmp_path)
+    proc = call_script('main.py', '--data', corpus_dir, *SMALL, '--epochs', 2, '--resume', 'model.pt.resume', cwd=tmp_path)
+    assert 'Traceback' not in proc.stderr, describe(proc)
+    if proc.returncode == 0:
+        end_line(proc.stdout)
+    else:
+        line = error_line(proc, 'main.py', proc.returncode)
+        assert 'model.pt' in line, line
+        assert_unchanged(before, tmp_path)
+
+
+# ---------------------------------------------------------------- checkpoints that cannot be used
+
+@pytest.mark.parametrize('kind', ['code-system', 'code-open'])
+def test_code_payloads_are_live(kind, tmp_path):
+    """The payload files below do run code when loaded without weights_only: the refusal tests mean something."""
+    marker = tmp_path / 'MARKER'
+    write_code_payload(kind, tmp_path / 'evil.pt', marker)
+    assert not marker.exists()
+    torch.load(tmp_path / 'evil.pt', weights_only=False)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize('kind', list(BAD_CHECKPOINTS))
+def test_generate_refuses_unusable_checkpoint(kind, tmp_path, call_script, case_dir):
+    (case_dir / 'out.txt').write_text('earlier output\n')
+    marker = tmp_path / 'MARKER'
+    write_bad_checkpoint(kind, case_dir / 'model.pt', case_dir / 'bad.pt', marker)
+    before = snapshot(tmp_path)
+    proc = call_script('generate.py', '--checkpoint', 'bad.pt', '--outf', 'out.txt', '--words', 30, cwd=case_dir)
+    line = error_line(proc, 'generate.py', 1)
+    assert 'bad.pt' in line, line
+    assert re.search(BAD_CHECKPOINTS[kind], line), line
+    assert not marker.exists()
+    assert_unchanged(before, tmp_path)
+
+
+@pytest.mark.parametrize('kind', [k for k in BAD_CHECKPOINTS if k != 'model-args-mismatch'])
+def test_resume_refuses_unusable_checkpoint(kind, tmp_path, call_script, corpus_dir, case_dir, resume_checkpoint):
+    marker = tmp_path / 'MARKER'
+    write_bad_checkpoint(kind, resume_checkpoint, case_dir / 'bad.pt', marker)
+    before = snapshot(tmp_path)
+    proc = call_script('main.py', '--data', corpus_dir, *SMALL, '--epochs', 5, '--resume', 'bad.pt', cwd=case_dir)
+    line = error_line(proc, 'main.py', 1)
+    assert 'bad.pt' in line, line
+    assert re.search(BAD_CHECKPOINTS[kind], line), line
+    assert not marker.exists()
+    assert '| epoch' not in proc.stdout
+    assert_unchanged(before, tmp_path)

@@ -1,21 +1,19 @@
-"""training.py's loop, in this process: it counts and reports skipped updates (the recipes only
-return False), and SAVE.resume round-trips its progress through checkpoint.save_resume/load_resume."""
+"""training.py's loop: skipped updates counted and reported, stopping and continuing, evaluate."""
 import argparse
 import contextlib
-import dataclasses
 import re
 import signal
 from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import data
-import recipes
 import training
 from model import RNNModel
-from plumbing import checkpoint, distributed, errors
-from plumbing.session import Line, Progress, Session
+from plumbing import distributed
+from plumbing.session import Session
 
 NTOKEN = 24
 
@@ -156,43 +154,14 @@ def test_train_epoch_stops_when_asked_and_continues_with_the_same_lines(capsys, 
     assert all(torch.equal(a, b) for a, b in zip(calls, expected))
 
 
-def test_save_resume_round_trip(tmp_path):
-    """load_resume restores the model, the recipe's state, the RNG and the loop's progress as saved."""
+def test_evaluate_one_batch_is_the_loss_of_the_first_batch():
     torch.manual_seed(0)
-    model = RNNModel('LSTM', NTOKEN, 8, 8, 1, dropout=0.0)
-    dictionary = data.Dictionary()
-    for i in range(NTOKEN):
-        dictionary.add_word(f'w{i}')
-    args = argparse.Namespace(model='LSTM', emsize=8, nhid=8, nlayers=1, tied=False, batch_size=2, bptt=3,
-                              fp16=False, amp=True, bf16=False)
-    recipe = recipes.AutocastRecipe(model, 0.5, 1.0, torch.float16)
-    recipe.scaler.scale(torch.ones(()))  # (GradScaler makes its scale on first use)
-    recipe.scaler.update(1024.0)
-    hidden = model.init_hidden(2)
-    saved = {**dataclasses.asdict(Progress(epoch=3, next_batch=4, hidden=hidden, best_val_loss=2.5, skipped=7,
-                                           epoch_skipped=2)),
-             **dataclasses.asdict(Line(line_start=2, line_loss=9.25, line_tokens=12, line_seconds=0.5)),
-             'elapsed': 1.5, 'metrics_bytes': 10}
-    path = str(tmp_path / 'model.pt.resume')
-    checkpoint.save_resume(path, model, dictionary, args, recipe, saved, [checkpoint.rng_state(torch.device('cpu'))])
-    rng_after_save = torch.get_rng_state()
-    expected_draw = torch.rand(3)
-
-    torch.manual_seed(1)
-    other = RNNModel('LSTM', NTOKEN, 8, 8, 1, dropout=0.0)
-    other_recipe = recipes.AutocastRecipe(other, 2.0, 1.0, torch.float16)
-    fields = list(saved)
-    restored = checkpoint.load_resume(path, other, dictionary, args, other_recipe, fields, nbatches=5)
-    assert torch.equal(torch.get_rng_state(), rng_after_save) and torch.equal(torch.rand(3), expected_draw)
-    assert restored.keys() == saved.keys()
-    assert {k: v for k, v in restored.items() if k != 'hidden'} == {k: v for k, v in saved.items() if k != 'hidden'}
-    assert all(torch.equal(a, b) for a, b in zip(restored['hidden'], hidden))
-    assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), model.state_dict().values()))
-    assert other_recipe.loss_scale == 1024.0 and other_recipe.optimizer.param_groups[0]['lr'] == 0.5
-    ckpt = checkpoint.load(path)
-    assert ckpt['resume']['recipe'] == 'amp' and ckpt['best_val_loss'] == 2.5
-
-    # the same flags with another recipe: refused, with both short names
-    bf16 = recipes.AutocastRecipe(other, 0.5, 1.0, torch.bfloat16)
-    with pytest.raises(errors.CannotResume, match=r'the precision recipe was amp, now bf16\.$'):
-        checkpoint.load_resume(path, other, dictionary, args, bf16, fields, nbatches=5)
+    model = RNNModel('GRU', 24, 8, 8, 1, dropout=0.0)
+    source = data.batchify(torch.randint(24, (10 * 31,)), 10)  # 31 rows: batches of 10, 10, 10 rows
+    loss = training.evaluate(model, source, 10, contextlib.nullcontext, one_batch=True)
+    with torch.no_grad():
+        inputs, targets = data.get_batch(source, 0, 10)
+        logits, _ = model(inputs, model.init_hidden(10))
+        first = F.cross_entropy(logits.view(-1, 24), targets).item()
+    assert abs(loss - first) < 1e-6
+    assert abs(training.evaluate(model, source, 10, contextlib.nullcontext) - first) > 1e-4  # all three batches

@@ -4,18 +4,12 @@ The CPU runs the real training step under the profiler and reads the dtypes ever
 The CUDA choice cannot run here: its decision (plumbing/rnn_autocast.py) is checked as a function, and the
 GPU check (benchmarks/gpu_check.sh) reads the kernel names on a GPU.
 """
-import os
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import recipes
 import training
-from benchmarks import gpu_check
-from conftest import REPO
 from model import RNN_TYPES, build_model
 from plumbing.rnn_autocast import rnn_dtype
 
@@ -88,28 +82,3 @@ def test_rnn_dtype_on_cuda(rnn_type):
 def test_rnn_dtype_on_the_cpu(rnn_type):
     assert rnn_dtype(rnn_type == 'LSTM', 'cpu', torch.bfloat16) is torch.bfloat16
     assert rnn_dtype(rnn_type == 'LSTM', 'cpu', torch.float16) is (torch.float32 if rnn_type == 'LSTM' else None)
-
-
-def test_bf16_run_stopped_mid_epoch_resumes_exactly(corpus_dir, tmp_path):
-    # Under --bf16 the RNN hands back a bf16 hidden state, which SAVE.resume keeps mid-epoch.
-    flags = [sys.executable, str(REPO / 'main.py'), '--data', str(corpus_dir), '--bf16', '--emsize', '16', '--nhid', '16',
-             '--batch_size', '8', '--bptt', '10', '--log-interval', '5', '--epochs', '6', '--save', 'model.pt']
-    env = dict(os.environ, PYTHONUNBUFFERED='1', CUDA_VISIBLE_DEVICES='', OMP_NUM_THREADS='1')
-    (tmp_path / 'once').mkdir()
-    (tmp_path / 'stopped').mkdir()
-    once = subprocess.Popen(flags, cwd=tmp_path / 'once', stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env)
-    stopped = subprocess.Popen(flags, cwd=tmp_path / 'stopped', stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, env=env)
-    for line in stopped.stdout:
-        if line.startswith('| epoch   2 |'):
-            stopped.send_signal(signal.SIGTERM)
-            break
-    stopped.communicate(timeout=120)
-    assert stopped.returncode == 143 and once.wait(timeout=120) == 0
-    resumed = subprocess.run(flags + ['--resume', 'model.pt.resume'], cwd=tmp_path / 'stopped', capture_output=True,
-                             text=True, env=env, timeout=120)
-    assert resumed.returncode == 0 and 'Traceback' not in resumed.stdout + resumed.stderr, resumed.stderr
-    assert '| resuming model.pt.resume at epoch 2, batch ' in resumed.stdout
-    good, line = gpu_check.same(tmp_path / 'once' / 'model.pt.metrics.jsonl',
-                                tmp_path / 'stopped' / 'model.pt.metrics.jsonl', 0)
-    assert good, line

@@ -1,4 +1,4 @@
-"""model.py: RNNModel shapes, tying, errors, init_hidden, initialization."""
+"""model.py: RNNModel and TransformerModel, their shapes, tying, errors, initialization."""
 import pytest
 import torch
 

@@ -1,10 +1,10 @@
-"""files.atomic_write and checkpoint.save: whole files only, with an ordinary file's permissions."""
+"""plumbing/files.py: atomic writes (whole files, the umask's mode) and the lock on --save."""
 import os
 
 import pytest
 import torch
 
-from conftest import file_mode, temp_files, umask
+from conftest import SMALL, describe, error_line, file_mode, finish, read_until, start_training, temp_files, umask
 from plumbing import checkpoint, files
 
 
@@ -77,3 +77,35 @@ def test_atomic_write_relative_path(tmp_path, monkeypatch):
             f.write(b'x')
     assert (tmp_path / 'out.bin').read_bytes() == b'x' and file_mode(tmp_path / 'out.bin') == 0o644
     assert not temp_files(tmp_path)
+
+
+# ---------------------------------------------------------------- one run per --save
+
+def test_one_run_per_save_and_a_killed_run_blocks_nothing(tmp_path, call_script, corpus_dir):
+    """A second run on the same --save is refused, naming the first; once the first is killed (-9),
+    the next run starts and removes the temporary files a killed run leaves, and only those."""
+    first, watchdog = start_training(tmp_path, corpus_dir)
+    seen = []
+    try:
+        assert read_until(first, '| epoch', seen), ''.join(seen)
+        second = call_script('main.py', '--data', corpus_dir, *SMALL, '--epochs', 1, cwd=tmp_path)
+        line = error_line(second, 'main.py', 2)
+        assert line == (f'main.py: error: --save model.pt is in use by another run (process {first.pid}); '
+                        f'wait for it to finish or give another --save.'), line
+        assert '| epoch' not in second.stdout
+    finally:
+        first.kill()
+        finish(first, watchdog, seen)
+    stale = ['.model.pt.4321.0123abcd.tmp', '.model.pt.resume.77.deadbeef.tmp']
+    others = ['.other.pt.4321.0123abcd.tmp', '.model.pt.notes.tmp', 'model.pt.4321.0123abcd.tmp']
+    for name in stale + others:
+        (tmp_path / name).write_bytes(b'a partial checkpoint')
+    left = [n for n in temp_files(tmp_path) if n not in others]  # ours, and any the killed run was writing
+    assert len(left) >= 2
+    third = call_script('main.py', '--data', corpus_dir, *SMALL, '--epochs', 1, cwd=tmp_path)
+    assert third.returncode == 0, describe(third)
+    assert f'| removed {len(left)} temporary file(s) that a killed run left beside model.pt' in third.stdout
+    assert sorted(temp_files(tmp_path)) == sorted(n for n in others if n.startswith('.'))
+    assert (tmp_path / others[2]).exists()
+    assert not (tmp_path / '.model.pt.lock').exists()  # removed when the run ends
+    checkpoint.load(str(tmp_path / 'model.pt'))

@@ -1,11 +1,4 @@
-"""fp16_utils as a drop-in for apex.fp16_utils (apex's last version, before it was removed in 2025).
-
-Written the way apex users wrote their code: `from fp16_utils import *` and the names it
-gives; the word-language-model example's manual recipe; FP16_Optimizer loops, with and
-without closures (SGD and LBFGS); checkpoints; the exact sequences of a dynamic loss scale
-under injected overflows; state dicts saved by apex itself; model conversion. Everything
-runs on the CPU in fp16 with tiny models.
-"""
+"""fp16_utils as a drop-in for apex.fp16_utils, written the way apex users wrote their code."""
 import inspect
 import math
 import pickle
@@ -35,16 +28,6 @@ to_python_float = apex['to_python_float']
 
 INF = float('inf')
 NTOKEN, BSZ, BPTT = 20, 4, 6
-
-
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """One intra-op thread, as for the script runs (conftest.ENV): on a busy 2-core machine a
-    multi-threaded fp16 matmul of these tiny sizes takes milliseconds instead of microseconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------- data and models
