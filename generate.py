@@ -5,6 +5,7 @@ vocabulary up to a multiple of 8) are never sampled. With --prompt the model rea
 prompt's words first and continues them; --outf holds the prompt on its first line.
 """
 import signal
+import string
 import sys
 
 import torch
@@ -102,7 +103,7 @@ def prompt_ids(prompt_words, idx2word, padding, checkpoint_path):
     if unknown:
         quoted = ', '.join(f'"{word}"' for word in unknown)
         hint = '; <unk> stands for the words it does not know' if '<unk>' in known else ''
-        if any(not word.isalnum() and len(word) > 1 for word in unknown):
+        if any(word.strip(string.punctuation) in known for word in unknown):
             hint += '; WikiText writes punctuation as words of their own ("city ," not "city,")'
         raise UsageError(f"--prompt: {quoted} {'is' if len(unknown) == 1 else 'are'} not in the vocabulary "
                              f'of {checkpoint_path}{hint}.')

@@ -55,6 +55,7 @@ RECIPES = {
 }
 MATH = {'fp32-classic': 'fp32', 'fp32': 'fp32', 'fp32-tf32': 'tf32', 'amp': 'fp16', 'bf16': 'bf16',
         'fp16-manual': 'fp16', 'fp16-optimizer-static': 'fp16', 'fp16-optimizer-dynamic': 'fp16'}
+LOW = {'fp16': torch.float16, 'bf16': torch.bfloat16}
 # Dense peak TFLOP/s from NVIDIA's datasheets (without sparsity), matched on the device name.
 PEAK_TFLOPS = {
     'H100 PCIe': {'fp16': 756, 'bf16': 756, 'tf32': 378, 'fp32': 51},
@@ -134,8 +135,9 @@ def measure(name, cfg, device, tokens):
         torch.backends.cudnn.allow_tf32 = tf32
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    elif MATH[name] == 'fp16' and cpu_fp16_matmul.fp16_is_emulated(device):
-        cpu_fp16_matmul.use_fp32_products()  # as the scripts do on this CPU (each recipe has its own process)
+    elif MATH[name] in ('fp16', 'bf16') and cpu_fp16_matmul.is_emulated(LOW[MATH[name]], device):
+        # As the scripts do on this CPU (each recipe has its own process).
+        cpu_fp16_matmul.use_fp32_products(LOW[MATH[name]])
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, cfg.ntokens, cfg.emsize, cfg.nhid, cfg.nlayers, cfg.dropout, nhead=cfg.nhead)
     model.to(device)

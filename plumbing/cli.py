@@ -77,7 +77,7 @@ class ArgumentParser(argparse.ArgumentParser):
 # The model and schedule --size names; flags given on the command line keep their own values.
 SIZES = {
     'apex': {},
-    'cpu': {'emsize': 200, 'nhid': 200, 'dropout': 0.2, 'batch_size': 20, 'epochs': 6},
+    'cpu': {'emsize': 128, 'nhid': 128, 'dropout': 0.2, 'batch_size': 32, 'epochs': 6},
 }
 
 
@@ -88,8 +88,8 @@ def training_parser(description):
                         'WikiText-2 is downloaded there if it is the default and missing')
     p.add_argument('--model', type=str, default='LSTM', help=f'model type: {", ".join(MODEL_TYPES)}')
     p.add_argument('--size', choices=('apex', 'cpu', 'auto'), default='apex',
-                   help="apex's model and schedule (the defaults below); cpu: --emsize 200 --nhid 200 --dropout 0.2 "
-                        '--batch_size 20 --epochs 6; auto: apex on an accelerator, else cpu')
+                   help="apex's model and schedule (the defaults below); cpu: --emsize 128 --nhid 128 --dropout 0.2 "
+                        '--batch_size 32 --epochs 6; auto: apex on an accelerator, else cpu')
     p.add_argument('--emsize', type=int, default=1504, help='word embedding width')
     p.add_argument('--nhid', type=int, default=1504, help='hidden state width of each RNN layer')
     p.add_argument('--nlayers', type=int, default=2, help='how many RNN layers are stacked')

@@ -25,10 +25,11 @@ if str(REPO) not in sys.path:
 from model import RNNModel  # noqa: E402  (needs the path above)
 from plumbing import checkpoint, cpu_fp16_matmul  # noqa: E402
 
-# fp16 products as the scripts compute them on this CPU (cpu_fp16_matmul.prepare), from the first
+# fp16 and bf16 products as the scripts compute them on this CPU (cpu_fp16_matmul.prepare), from the first
 # test on: in-process runs then match the scripts run as processes, whatever order tests run in.
-if cpu_fp16_matmul.fp16_is_emulated(torch.device('cpu')):
-    cpu_fp16_matmul.use_fp32_products()
+for low in (torch.float16, torch.bfloat16):
+    if cpu_fp16_matmul.is_emulated(low, torch.device('cpu')):
+        cpu_fp16_matmul.use_fp32_products(low)
 
 
 @pytest.fixture(autouse=True)
@@ -132,7 +133,7 @@ def call_script(monkeypatch, capsys):
     """call(script, *args, cwd=...): run the script's main(args) in this process through cli.run, as
     `python SCRIPT ARGS` would in cwd (sys.argv[0] is the script, so errors start 'SCRIPT: error: '),
     with no CUDA device, as run_script hides it; returns a CompletedProcess with what it printed.
-    argparse's own errors raise SystemExit out of call, as they do out of main.
+    -h raises SystemExit out of call, as it does out of main.
 
     torch's RNG state and thread count are restored afterwards (training runs seed and use them)."""
     from plumbing import cli

@@ -1,7 +1,7 @@
 """--dry-run: one batch of training and one of evaluation per epoch, with the usual output and files."""
 import data
 import training
-from conftest import describe, error_line
+from conftest import describe
 
 ARGS = ['--emsize', 16, '--nhid', 16, '--batch_size', 8, '--bptt', 10, '--lr', 5, '--dropout', 0, '--save', 'model.pt']
 
@@ -29,20 +29,5 @@ def test_dry_run_trains_and_evaluates_one_batch_per_epoch(tmp_path, call_script,
     progress = [line for line in out.splitlines() if line.startswith('| epoch ')]
     assert [line[:33] for line in progress] == [f'| epoch   {n} |     1/    1 batches' for n in (1, 2)]
     assert out.count('| end of epoch') == 2 and '| End of training | test loss' in out
-    assert sorted(p.name for p in tmp_path.iterdir()) == ['model.pt', 'model.pt.metrics.jsonl', 'model.pt.resume']
-
-
-def test_resuming_a_dry_run_continues_a_dry_run(tmp_path, call_script, corpus_dir, monkeypatch):
-    proc = call_script('main.py', '--data', corpus_dir, *ARGS, '--epochs', 1, '--dry-run', cwd=tmp_path)
-    assert proc.returncode == 0, describe(proc)
-    counts = count_batches(monkeypatch)
-    proc = call_script('main.py', '--data', corpus_dir, *ARGS, '--epochs', 2, '--dry-run',
-                       '--resume', 'model.pt.resume', cwd=tmp_path)
-    assert proc.returncode == 0, describe(proc)
-    assert '| resuming model.pt.resume at epoch 2, batch 0' in proc.stdout
-    assert counts == {'train': 1, 'evaluation': 2}
-
-    # the resumed run must be a dry run too: a full epoch would not continue the saved run
-    proc = call_script('main.py', '--data', corpus_dir, *ARGS, '--epochs', 3, '--resume', 'model.pt.resume',
-                       cwd=tmp_path)
-    assert '--dry-run was True, now False' in error_line(proc, 'main.py', 2)
+    # nothing to resume: a dry run writes no SAVE.resume
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['model.pt', 'model.pt.metrics.jsonl']

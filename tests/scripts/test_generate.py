@@ -188,6 +188,6 @@ def test_pytorch_examples_flags_still_work(tmp_path, call_script, cycle_checkpoi
     assert proc.returncode == 0, describe(proc)
     assert proc.stdout.splitlines() == [f'| Generated {n}/30 words' for n in (10, 20, 30)]
     assert len((tmp_path / 'generated.txt').read_text(encoding='utf-8').split()) == 30
-    # --accel is accepted too; without an accelerator it is a clean usage error
-    proc = call_script('generate.py', '--checkpoint', cycle_checkpoint, '--accel', cwd=tmp_path)
-    assert 'torch.accelerator finds no accelerator' in error_line(proc, 'generate.py', 2)
+    # --accel is accepted too; without an accelerator it runs on the CPU, with a note
+    proc = call_script('generate.py', '--checkpoint', cycle_checkpoint, '--accel', '--words', 5, cwd=tmp_path)
+    assert proc.returncode == 0 and 'torch.accelerator finds no accelerator' in proc.stdout, describe(proc)

@@ -117,10 +117,7 @@ def grad_stats_run(monkeypatch, capsys):
     def run(*args):
         args = [str(a) for a in args]
         capsys.readouterr()
-        try:
-            code = cli.guarded_main(grad_stats.main, args)
-        except SystemExit as e:
-            code = e.code
+        code = cli.guarded_main(grad_stats.main, args)
         out, err = capsys.readouterr()
         return subprocess.CompletedProcess(['grad_stats.py', *args], code, out, err)
 

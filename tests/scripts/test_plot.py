@@ -69,4 +69,4 @@ def test_metrics_table_has_a_row_per_finished_run(two_runs, capsys):
         recs = [json.loads(line) for line in open(path)]
         end = recs[-1]
         cells = row.strip('| ').split(' | ')
-        assert cells[1] == '2' and cells[3] == f"{end['test_ppl']:.2f}" and cells[6] == str(end['skipped'])
+        assert cells[3] == '2' and cells[5] == f"{end['test_ppl']:.2f}" and cells[8] == str(end['skipped'])

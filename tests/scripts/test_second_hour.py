@@ -36,8 +36,8 @@ def test_cuda_without_cuda_is_still_an_error(tmp_path, call_script, corpus_dir):
 
 
 @pytest.mark.parametrize('flags, expected', [
-    (['--size', 'auto', '--accel'], {'emsize': 200, 'nhid': 200, 'dropout': 0.2, 'batch_size': 20, 'epochs': 6}),
-    (['--size', 'cpu', '--emsize', 32, '--epochs', 1], {'emsize': 32, 'nhid': 200, 'dropout': 0.2, 'epochs': 1}),
+    (['--size', 'auto', '--accel'], {'emsize': 128, 'nhid': 128, 'dropout': 0.2, 'batch_size': 32, 'epochs': 6}),
+    (['--size', 'cpu', '--emsize', 32, '--epochs', 1], {'emsize': 32, 'nhid': 128, 'dropout': 0.2, 'epochs': 1}),
     (['--size', 'apex', '--emsize', 16, '--nhid', 16], {'emsize': 16, 'nhid': 16, 'dropout': 0.65, 'epochs': 40}),
 ])
 def test_size_sets_the_flags_not_given(flags, expected, tmp_path, call_script, corpus_dir):
