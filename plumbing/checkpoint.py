@@ -257,12 +257,13 @@ def rng_state(device):
     return {'cpu': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state(device) if device.type == 'cuda' else None}
 
 
-def save_resume(path, model, dictionary, args, recipe, progress, rng_states):
+def save_resume(path, model, dictionary, args, recipe, progress, rng_states, metrics_sha256=None):
     """SAVE.resume: the best-model fields, plus the recipe's state, the loop's progress and the RNGs
-    (rng_states: rng_state() of each process, one under torchrun's every rank)."""
+    (rng_states: rng_state() of each process, one under torchrun's every rank), and the SHA-256 of
+    the metrics file's first progress['metrics_bytes'] bytes."""
     ckpt = model_checkpoint(model, dictionary, args, progress['best_val_loss'])
     ckpt['resume'] = {'progress': progress, 'recipe': recipe.name, 'recipe_state': recipe.state_dict(),
-                      'rng': rng_states}
+                      'rng': rng_states, 'metrics_sha256': metrics_sha256}
     save(ckpt, path)
 
 
@@ -308,6 +309,10 @@ def load_resume(path, model, dictionary, args, recipe, progress_fields, nbatches
         torch.set_rng_state(rngs[rank]['cpu'])
         if device.type == 'cuda' and rngs[rank]['cuda'] is not None:
             torch.cuda.set_rng_state(rngs[rank]['cuda'], device)
+        # Files written before the hash was recorded have none: their metrics file is known by its length alone.
+        progress['metrics_sha256'] = state.get('metrics_sha256')
+        if not (progress['metrics_sha256'] is None or isinstance(progress['metrics_sha256'], str)):
+            raise ValueError('its metrics_sha256 is not a string')
         hidden = progress['hidden']
         if hidden is not None:
             progress['hidden'] = tuple(h.to(device) for h in hidden) if isinstance(hidden, tuple) else hidden.to(device)

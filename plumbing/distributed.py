@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from plumbing.errors import DistributedError
+from plumbing.errors import DistributedError, UsageError
 
 # A rank that waits longer than this for the others (one died, or hangs) gives up with an error.
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
@@ -37,9 +37,13 @@ class World:
     """This process's place among the ranks, and what they exchange."""
 
     def __init__(self):
-        self.rank = int(os.environ.get('RANK', 0))
-        self.size = int(os.environ.get('WORLD_SIZE', 1))
-        self.local_rank = int(os.environ.get('LOCAL_RANK', 0))
+        self.rank, self.size, self.local_rank = (environment_int(name) for name in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'))
+        if self.size < 1 or not 0 <= self.rank < self.size or self.local_rank < 0:
+            raise UsageError(f'RANK={self.rank}, WORLD_SIZE={self.size} and LOCAL_RANK={self.local_rank} in the environment '
+                             'do not describe a process of torchrun; unset them, or start the script with torchrun.')
+        if self.size > 1 and not (os.environ.get('MASTER_ADDR') and os.environ.get('MASTER_PORT')):
+            raise UsageError(f'WORLD_SIZE={self.size} in the environment asks for {self.size} processes, but MASTER_ADDR '
+                             'and MASTER_PORT are not set; start the script with torchrun, or unset WORLD_SIZE.')
         self.cpu_group = None  # the group that exchanges CPU objects (RNG states, stop requests)
 
     @property
@@ -142,6 +146,16 @@ class World:
             raise lost_contact(e) from None
 
 
+def environment_int(name):
+    """torchrun's variable name as an integer (0 for RANK and LOCAL_RANK, 1 for WORLD_SIZE when unset)."""
+    value = os.environ.get(name, '1' if name == 'WORLD_SIZE' else '0')
+    try:
+        return int(value)
+    except ValueError:
+        raise UsageError(f'{name}={value} in the environment is not a whole number; torchrun sets it, '
+                         'and without torchrun it should be unset.') from None
+
+
 def sum_gradients(state, bucket):
     """DDP's gradient exchange, summing where DDP would average. Each rank's loss is its share of
     the mean over all columns, so each rank's gradients (of activations too) are as large as one
@@ -159,7 +173,7 @@ def is_lost_contact(error):
     """Whether error, raised under torchrun, says that another rank is gone."""
     if isinstance(error, DistributedError):
         return True
-    return World().size > 1 and (isinstance(error, dist.DistError) or isinstance(error, RuntimeError)
+    return os.environ.get('WORLD_SIZE', '1').strip() not in ('', '0', '1') and (isinstance(error, dist.DistError) or isinstance(error, RuntimeError)
                                  and any(sign in str(error) for sign in LOST_CONTACT_SIGNS))
 
 
@@ -168,5 +182,5 @@ def lost_contact(error):
     text = str(error).strip()
     seen = next((sign for sign in LOST_CONTACT_SIGNS if sign in text), None)
     seen = seen or (text.splitlines()[0][:120] if text else type(error).__name__)
-    return DistributedError(f'rank {World().rank} lost contact with the other ranks ({seen}); '
+    return DistributedError(f"rank {os.environ.get('RANK', '0')} lost contact with the other ranks ({seen}); "
                             'one of them stopped or died, and its own output says why.')

@@ -10,7 +10,7 @@ import torch
 from test_robustness import SMALL
 
 import training
-from conftest import ENV, describe, run_script
+from conftest import ENV, describe, error_line, run_script
 from plumbing import signals
 
 TIMINGS = {'elapsed', 'ms_per_batch', 'tokens_per_s', 'epoch_seconds'}  # differ from run to run
@@ -175,7 +175,7 @@ def test_plot_refuses_a_file_that_is_not_a_metrics_file(content, sentence, tmp_p
     pytest.importorskip('matplotlib')
     (tmp_path / 'bad.jsonl').write_text(content)
     proc = call_script('plot.py', 'bad.jsonl', cwd=tmp_path)
-    assert proc.returncode == 1 and proc.stderr == f'plot.py: error: bad.jsonl {sentence}\n', describe(proc)
+    assert error_line(proc, 'plot.py', 1) == f'plot.py: error: bad.jsonl {sentence}', describe(proc)
     assert not (tmp_path / 'curves.png').exists()
 
 
@@ -183,8 +183,8 @@ def test_plot_without_matplotlib_says_what_to_install(two_runs, call_script, mon
     monkeypatch.setitem(sys.modules, 'matplotlib', None)  # `import matplotlib` raises ImportError
     proc = call_script('plot.py', 'fp32.pt.metrics.jsonl', '--out', 'none.png', cwd=two_runs)
     assert proc.returncode == 2, describe(proc)
-    assert proc.stderr == ('plot.py: error: plot.py needs matplotlib, which is not installed: '
-                           'pip install -r requirements-plot.txt\n')
+    assert error_line(proc, 'plot.py', 2) == ('plot.py: error: plot.py needs matplotlib, which is not installed: '
+                                              'pip install -r requirements-plot.txt')
 
 
 def test_metrics_table_has_a_row_per_finished_run(two_runs, capsys):
