@@ -87,6 +87,10 @@ def model_from(ckpt, path):
         check_weights(weights)
         check_model_args(args, weights)
         check_vocab(vocab, args['ntoken'])
+        # NaN or inf weights (a run that diverged) would make every output NaN.
+        broken = next((name for name, tensor in weights.items() if not torch.isfinite(tensor).all()), None)
+        if broken is not None:
+            raise ValueError(f'its weight {broken!r} holds inf or NaN values.')
         model = build_model(**args)
         model.load_state_dict({k: v.float() for k, v in weights.items()})
     except CONTENT_ERRORS as e:
@@ -290,7 +294,7 @@ def load_resume(path, model, dictionary, args, recipe, progress_fields, nbatches
         rule = (f' (a resumed run continues the saved one exactly: only {may_change_flags()} may change)'
                 if differences else '')
         if saved_words != dictionary.idx2word:
-            differences.append(f'the vocabulary differs ({len(saved_words)} words saved, {len(dictionary)} in --data)')
+            differences.append(vocabulary_difference(saved_words, dictionary.idx2word))
         if not differences and state['recipe'] != recipe.name:
             differences.append(f"the precision recipe was {state['recipe']}, now {recipe.name}")
         if differences:
@@ -319,6 +323,15 @@ def load_resume(path, model, dictionary, args, recipe, progress_fields, nbatches
     except CONTENT_ERRORS as e:
         raise CheckpointError(f'{path} is damaged or incompatible: {describe_error(e)}') from None
     return progress
+
+
+def vocabulary_difference(saved, now):
+    """How the vocabulary of --data differs from the saved one."""
+    if len(saved) == len(now) and sorted(map(str, saved)) == sorted(now):
+        first = next(i for i, (a, b) in enumerate(zip(saved, now)) if a != b)
+        return (f'the vocabulary holds the same {len(now)} words in another order (word {first} was {saved[first]!r}, '
+                f'now {now[first]!r}): the words must first appear in --data in the same order')
+    return f'the vocabulary differs ({len(saved)} words saved, {len(now)} in --data)'
 
 
 def check_progress(progress, nbatches, initial_hidden):

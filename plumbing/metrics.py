@@ -29,6 +29,8 @@ import time
 
 import torch
 
+from plumbing.cli import check_input_file
+from plumbing.errors import DataError
 from plumbing.files import temp_name
 
 
@@ -153,6 +155,54 @@ def first_record(args, recipe, device, progress, nbatches, processes):
     return dict(script=os.path.basename(sys.argv[0]), flags=vars(args), recipe=recipe.name,
                 precision=recipe.describe(), torch=torch.__version__, device=device_name(device), processes=processes,
                 batches_per_epoch=nbatches, epoch=progress.epoch, batch=progress.next_batch, resumed=bool(args.resume))
+
+
+# What plot.py reads of each kind of record (every record has elapsed too).
+RECORD_KEYS = {'run': ('recipe', 'flags', 'device', 'batches_per_epoch'),
+               'train': ('epoch', 'batch', 'step', 'ppl', 'loss_scale'),
+               'epoch': ('epoch', 'valid_ppl'),
+               'end': ()}
+
+
+def read_run(path):
+    """The records of one metrics file, checked: a run record first, then train, epoch and end records,
+    each with the fields plot.py reads (numbers, or null where a float was inf or NaN)."""
+    check_input_file('', path)
+    records = []
+    try:
+        with open(path, encoding='utf-8') as f:
+            for number, line in enumerate(f, 1):
+                records.append(checked_record(path, number, line))
+    except UnicodeDecodeError:
+        raise DataError(f'{path} is not a text file (not UTF-8); is it a SAVE.metrics.jsonl file?') from None
+    except OSError as e:
+        raise DataError(f'{path} cannot be read ({e.strerror}).') from None
+    if not records or records[0]['kind'] != 'run':
+        raise DataError(f'{path} does not start with a run record; is it a SAVE.metrics.jsonl file?')
+    return records
+
+
+def checked_record(path, number, line):
+    try:
+        record = json.loads(line)
+    except ValueError:
+        raise DataError(f'{path} line {number} is not a JSON record; is it a SAVE.metrics.jsonl file?') from None
+    if not isinstance(record, dict) or record.get('kind') not in RECORD_KEYS:
+        raise DataError(f'{path} line {number} is not a record that training writes.')
+    kind = record['kind']
+    missing = [key for key in RECORD_KEYS[kind] + ('elapsed',) if key not in record]
+    if missing:
+        raise DataError(f"{path} line {number}: its {kind} record has no {' and no '.join(missing)}.")
+    is_number = lambda x: type(x) in (int, float)
+    numbers = [key for key in RECORD_KEYS[kind] + ('elapsed',) if key not in ('recipe', 'flags', 'device')]
+    wrong = [key for key in numbers if not (is_number(record[key]) or record[key] is None and key.endswith(('ppl', 'scale')))]
+    if kind == 'run' and not (type(record['batches_per_epoch']) is int and record['batches_per_epoch'] >= 1):
+        wrong.append('batches_per_epoch')
+    if kind == 'run' and not (isinstance(record['flags'], dict) and isinstance(record['recipe'], str)):
+        wrong.append('flags')
+    if wrong:
+        raise DataError(f"{path} line {number}: its {kind} record's {', '.join(wrong)} is not what training writes.")
+    return record
 
 
 def ppl(loss):
