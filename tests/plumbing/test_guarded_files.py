@@ -153,8 +153,7 @@ def test_the_cpu_memory_check_reads_the_process_limits(monkeypatch):
     real = resource.getrlimit
     limit = 3 * 2 ** 30
     monkeypatch.setattr(resource, 'getrlimit', lambda r: (limit, limit) if r == resource.RLIMIT_AS else real(r))
-    memory, what = cli.cpu_memory_limit()
-    assert memory <= limit and what in ('this process (ulimit -v)',) or memory < limit
+    assert cli.cpu_memory_limit()[0] <= limit
 
     class Args:
         emsize = nhid = 12000
@@ -236,7 +235,8 @@ def test_the_same_words_in_another_order_are_said_so():
     assert checkpoint.vocabulary_difference(['a', 'b', 'c'], ['a', 'c', 'b']) == (
         "the vocabulary holds the same 3 words in another order (word 1 was 'b', now 'c'): the words must first "
         'appear in --data in the same order')
-    assert checkpoint.vocabulary_difference(['a', 'b'], ['a', 'c']) == 'the vocabulary differs (2 words saved, 2 in --data)'
+    assert checkpoint.vocabulary_difference(['a', 'b'], ['a', 'c']) == (
+        'the vocabulary differs (2 words saved, 2 in --data)')
 
 
 def test_a_loss_scale_that_is_not_a_power_of_2_gets_a_word(tmp_path, capsys):

@@ -90,15 +90,16 @@ def test_a_lock_file_that_is_a_symlink_is_not_followed(tmp_path, corpus_dir):
 def test_save_may_not_be_the_resume_input(tmp_path, corpus_dir):
     trained(tmp_path, corpus_dir, '--dry-run')
     before = (tmp_path / 'model.pt.resume').read_bytes()
-    proc = train(tmp_path, corpus_dir, '--dry-run', '--save', 'model.pt.resume', '--resume', 'model.pt.resume', epochs=2)
+    proc = train(tmp_path, corpus_dir, '--dry-run', '--save', 'model.pt.resume', '--resume', 'model.pt.resume',
+                 epochs=2)
     line = error_line(proc, 'main.py', 2)
     assert 'is the same file as --resume model.pt.resume' in line, line
     assert (tmp_path / 'model.pt.resume').read_bytes() == before
 
 
 def test_runs_that_would_write_one_file_cannot_both_start(tmp_path, corpus_dir):
-    first = start(REPO / 'main.py', '--data', corpus_dir, *TINY, '--epochs', 1000, '--save', 'x.pt', '--log-interval', 1,
-                  cwd=tmp_path)
+    first = start(REPO / 'main.py', '--data', corpus_dir, *TINY, '--epochs', 1000, '--save', 'x.pt',
+                  '--log-interval', 1, cwd=tmp_path)
     try:
         wait_for(first, '| epoch')
         proc = train(tmp_path, corpus_dir, '--dry-run', '--save', 'x.pt.resume')
@@ -289,7 +290,8 @@ def test_a_stopped_rank_is_reported_within_the_peer_timeout(tmp_path, corpus_dir
 
 def test_two_generate_runs_cannot_write_one_outf(tmp_path, corpus_dir):
     trained(tmp_path, corpus_dir, '--dry-run')
-    first = start(REPO / 'generate.py', '--checkpoint', 'model.pt', '--words', 10 ** 8, '--log-interval', 100, cwd=tmp_path)
+    first = start(REPO / 'generate.py', '--checkpoint', 'model.pt', '--words', 10 ** 8, '--log-interval', 100,
+                  cwd=tmp_path)
     try:
         wait_for(first, '| Generated')
         proc = run_script('generate.py', '--checkpoint', 'model.pt', '--words', 5, cwd=tmp_path)
@@ -312,7 +314,8 @@ def test_a_fifo_as_a_data_file_is_not_called_missing(tmp_path):
 def test_a_directory_as_checkpoint_is_named_a_directory(tmp_path):
     (tmp_path / 'model.pt').mkdir()
     proc = run_script('generate.py', '--checkpoint', 'model.pt', cwd=tmp_path)
-    assert error_line(proc, 'generate.py', 2) == 'generate.py: error: --checkpoint model.pt is a directory; give a file.'
+    line = error_line(proc, 'generate.py', 2)
+    assert line == 'generate.py: error: --checkpoint model.pt is a directory; give a file.'
 
 
 # ---------------------------------------------------------------- 8. the stderr rule, structural
