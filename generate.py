@@ -5,7 +5,6 @@ vocabulary up to a multiple of 8) are never sampled. With --prompt the model rea
 prompt's words first and continues them; --outf holds the prompt on its first line.
 """
 import argparse
-import os
 import signal
 import sys
 
@@ -14,7 +13,7 @@ import torch
 from model import TransformerModel
 from plumbing import checkpoint, cli
 from plumbing.errors import UsageError
-from plumbing.files import atomic_write
+from plumbing.files import SaveLock, atomic_write
 from plumbing.signals import StopRequest
 
 
@@ -45,8 +44,7 @@ def parse_args(argv):
         raise UsageError(f'--context must be between 1 and {TransformerModel.MAX_LEN} (got {args.context}).')
     cli.check_seed(args.seed)
     cli.check_output_file('--outf', args.outf, [('--checkpoint', args.checkpoint)])
-    if not os.path.isfile(args.checkpoint):
-        raise UsageError(f'--checkpoint {args.checkpoint}: no such file.')
+    cli.check_input_file('--checkpoint', args.checkpoint)
     return args
 
 
@@ -75,7 +73,8 @@ def main(argv=None):
     else:
         words = real_words[torch.randint(len(real_words), (1,), device=device)].view(1, 1)
     # A signal stops sampling after the current word; the words sampled so far are still written.
-    with StopRequest('word') as stop:
+    # SaveLock: one generate.py per --outf.
+    with StopRequest('word') as stop, SaveLock(args.outf, '--outf'):
         with atomic_write(args.outf, 'w', encoding='utf-8') as outf, torch.no_grad():
             if prompt:
                 outf.write(' '.join(prompt_words) + '\n')  # a line of its own: the model's words start on the next

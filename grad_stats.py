@@ -74,8 +74,7 @@ def parse_args(argv):
     cli.check_at_least_1(args, ('--batches', '--batch_size', '--bptt'))
     args.scales = parse_scales(args.scales)
     cli.check_seed(args.seed)
-    if not os.path.isfile(args.checkpoint):
-        raise UsageError(f'--checkpoint {args.checkpoint}: no such file.')
+    cli.check_input_file('--checkpoint', args.checkpoint)
     if not cli.uses_default_data(args.data) and not os.path.isdir(args.data):
         raise UsageError(f'--data {args.data}: no such directory.')
     if args.out is not None:
@@ -334,6 +333,7 @@ def main(argv=None):
     shape = saved_batch_shape(args, ckpt)
     (batch_size, batch_size_from), (bptt, bptt_from) = shape['batch_size'], shape['bptt']
     model, idx2word, _ = checkpoint.model_from(ckpt, args.checkpoint)
+    cli.check_positions(model, bptt, bptt_from)
     tokens = read_tokens(args, idx2word)
     if len(tokens) // batch_size < 2:
         raise UsageError(f'--batch_size {batch_size} is too large for the {args.split} split ({len(tokens)} tokens): '

@@ -87,6 +87,10 @@ def model_from(ckpt, path):
         check_weights(weights)
         check_model_args(args, weights)
         check_vocab(vocab, args['ntoken'])
+        # NaN or inf weights (a run that diverged) would make every output NaN.
+        broken = next((name for name, tensor in weights.items() if not torch.isfinite(tensor).all()), None)
+        if broken is not None:
+            raise ValueError(f'its weight {broken!r} holds inf or NaN values.')
         model = build_model(**args)
         model.load_state_dict({k: v.float() for k, v in weights.items()})
     except CONTENT_ERRORS as e:
@@ -257,12 +261,13 @@ def rng_state(device):
     return {'cpu': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state(device) if device.type == 'cuda' else None}
 
 
-def save_resume(path, model, dictionary, args, recipe, progress, rng_states):
+def save_resume(path, model, dictionary, args, recipe, progress, rng_states, metrics_sha256=None):
     """SAVE.resume: the best-model fields, plus the recipe's state, the loop's progress and the RNGs
-    (rng_states: rng_state() of each process, one under torchrun's every rank)."""
+    (rng_states: rng_state() of each process, one under torchrun's every rank), and the SHA-256 of
+    the metrics file's first progress['metrics_bytes'] bytes."""
     ckpt = model_checkpoint(model, dictionary, args, progress['best_val_loss'])
     ckpt['resume'] = {'progress': progress, 'recipe': recipe.name, 'recipe_state': recipe.state_dict(),
-                      'rng': rng_states}
+                      'rng': rng_states, 'metrics_sha256': metrics_sha256}
     save(ckpt, path)
 
 
@@ -289,7 +294,7 @@ def load_resume(path, model, dictionary, args, recipe, progress_fields, nbatches
         rule = (f' (a resumed run continues the saved one exactly: only {may_change_flags()} may change)'
                 if differences else '')
         if saved_words != dictionary.idx2word:
-            differences.append(f'the vocabulary differs ({len(saved_words)} words saved, {len(dictionary)} in --data)')
+            differences.append(vocabulary_difference(saved_words, dictionary.idx2word))
         if not differences and state['recipe'] != recipe.name:
             differences.append(f"the precision recipe was {state['recipe']}, now {recipe.name}")
         if differences:
@@ -308,12 +313,25 @@ def load_resume(path, model, dictionary, args, recipe, progress_fields, nbatches
         torch.set_rng_state(rngs[rank]['cpu'])
         if device.type == 'cuda' and rngs[rank]['cuda'] is not None:
             torch.cuda.set_rng_state(rngs[rank]['cuda'], device)
+        # Files written before the hash was recorded have none: their metrics file is known by its length alone.
+        progress['metrics_sha256'] = state.get('metrics_sha256')
+        if not (progress['metrics_sha256'] is None or isinstance(progress['metrics_sha256'], str)):
+            raise ValueError('its metrics_sha256 is not a string')
         hidden = progress['hidden']
         if hidden is not None:
             progress['hidden'] = tuple(h.to(device) for h in hidden) if isinstance(hidden, tuple) else hidden.to(device)
     except CONTENT_ERRORS as e:
         raise CheckpointError(f'{path} is damaged or incompatible: {describe_error(e)}') from None
     return progress
+
+
+def vocabulary_difference(saved, now):
+    """How the vocabulary of --data differs from the saved one."""
+    if len(saved) == len(now) and sorted(map(str, saved)) == sorted(now):
+        first = next(i for i, (a, b) in enumerate(zip(saved, now)) if a != b)
+        return (f'the vocabulary holds the same {len(now)} words in another order (word {first} was {saved[first]!r}, '
+                f'now {now[first]!r}): the words must first appear in --data in the same order')
+    return f'the vocabulary differs ({len(saved)} words saved, {len(now)} in --data)'
 
 
 def check_progress(progress, nbatches, initial_hidden):

@@ -57,14 +57,18 @@ class Session:
         self.files = contextlib.ExitStack()
         try:
             if world.is_main:
-                self.files.enter_context(SaveLock(args.save))
+                # Every file the run writes, so that no two runs write one.
+                others = [('SAVE.resume', self.resume_file), ('SAVE.metrics.jsonl', args.save + '.metrics.jsonl')]
+                if args.onnx_export:
+                    others.append(('--onnx-export', args.onnx_export))
+                self.files.enter_context(SaveLock(args.save, others=others))
             self.stop = self.files.enter_context(StopRequest())
             if args.resume:
-                self.progress, self.line, elapsed, metrics_bytes = self.resumed()
+                self.progress, self.line, elapsed, metrics_bytes, metrics_sha256 = self.resumed()
             else:
-                self.progress, self.line, elapsed, metrics_bytes = Progress(), Line(), 0.0, None
+                self.progress, self.line, elapsed, metrics_bytes, metrics_sha256 = Progress(), Line(), 0.0, None, None
             self.metrics = self.files.enter_context(MetricsFile(
-                args.save + '.metrics.jsonl' if world.is_main else None, metrics_bytes, elapsed))
+                args.save + '.metrics.jsonl' if world.is_main else None, metrics_bytes, elapsed, metrics_sha256))
         except BaseException:
             self.files.close()
             raise
@@ -116,11 +120,24 @@ class Session:
             progress.epoch_skipped += 1
             scale = '' if self.recipe.loss_scale is None else f', loss scale now {self.recipe.loss_scale:g}'
             print(f'| gradients are not finite: update skipped ({progress.skipped} so far{scale})', flush=True)
+            self.check_skipped(loss)
         self.line_loss += loss
         line.line_tokens += ntokens * world.size  # every rank trains as many
         done = progress.next_batch
         if done % self.args.log_interval == 0 or self.args.dry_run:  # a dry run shows its one batch
             self.print_line(done)
+
+    def check_skipped(self, loss):
+        """A skipped update is a loss scale's business only while the loss itself is finite, and while some update
+        of the epoch is made: a non-finite loss, or an epoch whose every update was skipped, stops the run as
+        diverged, before the untrained model could be saved as the best."""
+        progress, nbatches = self.progress, len(self.setup.batch_starts)
+        if self.world.any(not bool(torch.isfinite(loss))):
+            raise self.diverged('the loss itself became inf or NaN, which no loss scale can make finite')
+        if progress.next_batch == nbatches and progress.epoch_skipped == nbatches:
+            scale = '' if self.recipe.loss_scale is None else f' (loss scale now {self.recipe.loss_scale:g})'
+            raise self.diverged(f'all {nbatches} updates of the epoch were skipped for non-finite gradients{scale}, '
+                                'so the model did not train; a smaller --static-loss-scale or --lr may help')
 
     def print_line(self, done):
         progress, line, recipe = self.progress, self.line, self.recipe
@@ -199,7 +216,12 @@ class Session:
             print('| no epoch finished, so there is no best model: testing the current weights')
             return model
         try:
-            model.load_state_dict(checkpoint.load(self.args.save)['model'])
+            best = checkpoint.load(self.args.save)
+            # --save may hold another run's model (a resume with another --save): this run's has its validation loss.
+            if best.get('best_val_loss') != self.progress.best_val_loss:
+                raise checkpoint.CheckpointError(f'{self.args.save} holds another run\'s model, not the one of '
+                                                 f'valid loss {self.progress.best_val_loss:.2f}')
+            model.load_state_dict(best['model'])
         except (checkpoint.CheckpointError, KeyError, RuntimeError) as e:
             print(f'| the best model cannot be loaded ({e}): testing the current weights')
         return model
@@ -225,7 +247,7 @@ class Session:
         rng_states = world.gather(checkpoint.rng_state(setup.device))
         if world.is_main:
             checkpoint.save_resume(self.resume_file, setup.model, setup.corpus.dictionary, self.args, self.recipe,
-                                   state, rng_states)
+                                   state, rng_states, self.metrics.digest())
 
     def resumed(self):
         """Restore the run saved in --resume (model, recipe, this rank's random numbers): Progress, Line, clock,
@@ -239,12 +261,14 @@ class Session:
         line = Line(**{f.name: saved[f.name] for f in dataclasses.fields(Line)})
         progress.hidden = world.my_columns(progress.hidden, args.batch_size)
         print(f'| resuming {args.resume} at epoch {progress.epoch}, batch {progress.next_batch}', flush=True)
-        return progress, line, saved['elapsed'], saved['metrics_bytes']
+        return progress, line, saved['elapsed'], saved['metrics_bytes'], saved['metrics_sha256']
 
-    def diverged(self):
+    def diverged(self, why=None):
         lr = self.recipe.optimizer.param_groups[0]['lr']
         kept = (f'the best model so far is kept in {self.args.save}' if self.progress.best_val_loss is not None
                 else 'no model was saved')
+        if why is not None:
+            return TrainingDiverged(f'training diverged in epoch {self.progress.epoch}: {why}; {kept}.')
         return TrainingDiverged(f'training diverged: the loss or the gradients became inf or NaN in epoch '
                                 f'{self.progress.epoch} with lr {lr:g} (try a smaller --lr); {kept}.')
 
