@@ -57,8 +57,9 @@ def call_main(main, argv, prog):
                                 else distributed.lost_contact(lost), 1, prog)
         stopped = next((x for x in exception_chain(e) if isinstance(x, SignalExit)), None)
         if stopped is None and is_out_of_memory(e):
-            return report_error('out of memory: the model, --batch_size and --bptt need more memory than this process '
-                                'may use (the machine\'s RAM, ulimit -v, the cgroup or the GPU); try smaller ones.', 1, prog)
+            return report_error('out of memory: the model, --batch_size and --bptt need more memory than this '
+                                "process may use (the machine's RAM, ulimit -v, the cgroup or the GPU); try smaller "
+                                'ones.', 1, prog)
         if stopped is None:
             raise
         if isinstance(stopped, Interrupted):
@@ -268,7 +269,8 @@ def check_model_size(build_model, args, device):
         memory, what = cpu_memory_limit()
     if nbytes > memory:
         raise UsageError(f'--emsize {args.emsize}, --nhid {args.nhid} and --nlayers {args.nlayers} make a model whose '
-                         f'weights need {nbytes / 2 ** 30:.3g} GiB, more than the {memory / 2 ** 30:.3g} GiB of {what}.')
+                         f'weights need {nbytes / 2 ** 30:.3g} GiB, more than the {memory / 2 ** 30:.3g} GiB '
+                         f'of {what}.')
 
 
 def cpu_memory_limit():

@@ -42,11 +42,13 @@ class World:
     def __init__(self):
         self.rank, self.size, self.local_rank = (environment_int(name) for name in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'))
         if self.size < 1 or not 0 <= self.rank < self.size or self.local_rank < 0:
-            raise UsageError(f'RANK={self.rank}, WORLD_SIZE={self.size} and LOCAL_RANK={self.local_rank} in the environment '
-                             'do not describe a process of torchrun; unset them, or start the script with torchrun.')
+            raise UsageError(f'RANK={self.rank}, WORLD_SIZE={self.size} and LOCAL_RANK={self.local_rank} in the '
+                             'environment do not describe a process of torchrun; unset them, or start the script with '
+                             'torchrun.')
         if self.size > 1 and not (os.environ.get('MASTER_ADDR') and os.environ.get('MASTER_PORT')):
-            raise UsageError(f'WORLD_SIZE={self.size} in the environment asks for {self.size} processes, but MASTER_ADDR '
-                             'and MASTER_PORT are not set; start the script with torchrun, or unset WORLD_SIZE.')
+            raise UsageError(f'WORLD_SIZE={self.size} in the environment asks for {self.size} processes, but '
+                             'MASTER_ADDR and MASTER_PORT are not set; start the script with torchrun, or unset '
+                             'WORLD_SIZE.')
         self.cpu_group = None  # the group that exchanges CPU objects (RNG states, stop requests)
 
     @property
@@ -191,8 +193,9 @@ def is_lost_contact(error):
     """Whether error, raised under torchrun, says that another rank is gone."""
     if isinstance(error, DistributedError):
         return True
-    return os.environ.get('WORLD_SIZE', '1').strip() not in ('', '0', '1') and (isinstance(error, dist.DistError) or isinstance(error, RuntimeError)
-                                 and any(sign in str(error) for sign in LOST_CONTACT_SIGNS))
+    under_torchrun = os.environ.get('WORLD_SIZE', '1').strip() not in ('', '0', '1')
+    return under_torchrun and (isinstance(error, dist.DistError) or isinstance(error, RuntimeError)
+                               and any(sign in str(error) for sign in LOST_CONTACT_SIGNS))
 
 
 def lost_contact(error):
@@ -200,7 +203,7 @@ def lost_contact(error):
     text = str(error).strip()
     seen = next((sign for sign in LOST_CONTACT_SIGNS if sign in text), None)
     seen = seen or (text.splitlines()[0][:120] if text else type(error).__name__)
-    waited = (f': no answer for {os.environ.get(PEER_TIMEOUT_VARIABLE, f"{PEER_TIMEOUT_S:g}")} s, {PEER_TIMEOUT_VARIABLE}'
-              if seen.lower() == 'timed out' else '')
+    seconds = os.environ.get(PEER_TIMEOUT_VARIABLE, f'{PEER_TIMEOUT_S:g}')
+    waited = f': no answer for {seconds} s, {PEER_TIMEOUT_VARIABLE}' if seen.lower() == 'timed out' else ''
     return DistributedError(f"rank {os.environ.get('RANK', '0')} lost contact with the other ranks ({seen}{waited}); "
                             'one of them stopped, died or never came, and its own output says why.')

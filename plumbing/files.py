@@ -90,7 +90,7 @@ class SaveLock:
         self.held = []
 
     def remove_stale_temp_files(self):
-        """Temporary files of the files the run writes: only a killed run leaves them, and no other run may write them."""
+        """Temporary files of the files the run writes: only a killed run leaves them, and no other run writes them."""
         names = {os.path.basename(os.path.abspath(path)) for _, path in self.files}
         removed = 0
         for entry in os.scandir(self.directory):

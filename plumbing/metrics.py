@@ -195,7 +195,9 @@ def checked_record(path, number, line):
         raise DataError(f"{path} line {number}: its {kind} record has no {' and no '.join(missing)}.")
     is_number = lambda x: type(x) in (int, float)
     numbers = [key for key in RECORD_KEYS[kind] + ('elapsed',) if key not in ('recipe', 'flags', 'device')]
-    wrong = [key for key in numbers if not (is_number(record[key]) or record[key] is None and key.endswith(('ppl', 'scale')))]
+    # ppl and loss_scale are null where they were inf (or where the recipe does not scale).
+    wrong = [key for key in numbers
+             if not (is_number(record[key]) or record[key] is None and key.endswith(('ppl', 'scale')))]
     if kind == 'run' and not (type(record['batches_per_epoch']) is int and record['batches_per_epoch'] >= 1):
         wrong.append('batches_per_epoch')
     if kind == 'run' and not (isinstance(record['flags'], dict) and isinstance(record['recipe'], str)):
