@@ -45,10 +45,6 @@ class World:
             raise UsageError(f'RANK={self.rank}, WORLD_SIZE={self.size} and LOCAL_RANK={self.local_rank} in the '
                              'environment do not describe a process of torchrun; unset them, or start the script with '
                              'torchrun.')
-        if self.size > 1 and not (os.environ.get('MASTER_ADDR') and os.environ.get('MASTER_PORT')):
-            raise UsageError(f'WORLD_SIZE={self.size} in the environment asks for {self.size} processes, but '
-                             'MASTER_ADDR and MASTER_PORT are not set; start the script with torchrun, or unset '
-                             'WORLD_SIZE.')
         self.cpu_group = None  # the group that exchanges CPU objects (RNG states, stop requests)
 
     @property
@@ -60,6 +56,10 @@ class World:
         """Join the other ranks: NCCL between GPUs, gloo on the CPU. The other ranks print nothing."""
         if self.size == 1:
             return
+        if not (os.environ.get('MASTER_ADDR') and os.environ.get('MASTER_PORT')):
+            raise UsageError(f'WORLD_SIZE={self.size} in the environment asks for {self.size} processes, but '
+                             'MASTER_ADDR and MASTER_PORT are not set; start the script with torchrun, or unset '
+                             'WORLD_SIZE.')
         timeout = peer_timeout()
         # Ctrl-C, SIGTERM and SIGHUP are honoured during the waits for the other ranks too.
         watch_stuck_waits()
