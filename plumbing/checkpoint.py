@@ -261,13 +261,12 @@ def rng_state(device):
     return {'cpu': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state(device) if device.type == 'cuda' else None}
 
 
-def save_resume(path, model, dictionary, args, recipe, progress, rng_states, metrics_sha256=None):
+def save_resume(path, model, dictionary, args, recipe, progress, rng_states):
     """SAVE.resume: the best-model fields, plus the recipe's state, the loop's progress and the RNGs
-    (rng_states: rng_state() of each process, one under torchrun's every rank), and the SHA-256 of
-    the metrics file's first progress['metrics_bytes'] bytes."""
+    (rng_states: rng_state() of each process, one under torchrun's every rank)."""
     ckpt = model_checkpoint(model, dictionary, args, progress['best_val_loss'])
     ckpt['resume'] = {'progress': progress, 'recipe': recipe.name, 'recipe_state': recipe.state_dict(),
-                      'rng': rng_states, 'metrics_sha256': metrics_sha256}
+                      'rng': rng_states}
     save(ckpt, path)
 
 
@@ -283,7 +282,11 @@ def load_resume(path, model, dictionary, args, recipe, progress_fields, nbatches
         raise CannotResume(f'{path} is a best-model checkpoint, not a resume checkpoint (those are named SAVE.resume).')
     try:
         saved_args, saved_words, state = ckpt['args'], ckpt['vocab']['idx2word'], ckpt['resume']
-        if not isinstance(state.get('progress'), dict) or set(state['progress']) != set(progress_fields):
+        stored = state.get('progress')
+        if isinstance(stored, dict):
+            # Fields added since: a file written before has none, and still resumes.
+            stored = {**{k: v for k, v in LATER_PROGRESS_FIELDS.items() if k in progress_fields}, **stored}
+        if not isinstance(stored, dict) or set(stored) != set(progress_fields):
             raise CannotResume(f'{path} was written by another version of this example and cannot be resumed.')
         now = vars(args)  # a flag one script lacks (--dynamic-loss-scale) is off there
         # --nhead means nothing to an RNN, whose runs saved before the flag existed do not hold it.
@@ -299,7 +302,7 @@ def load_resume(path, model, dictionary, args, recipe, progress_fields, nbatches
             differences.append(f"the precision recipe was {state['recipe']}, now {recipe.name}")
         if differences:
             raise CannotResume(f'cannot resume from {path}: ' + '; '.join(differences) + rule + '.')
-        progress = dict(state['progress'])
+        progress = stored
         check_progress(progress, nbatches, model.init_hidden(args.batch_size))
         rngs = state['rng']
         if not (isinstance(rngs, list) and all(isinstance(r, dict) and isinstance(r['cpu'], torch.Tensor) for r in rngs)):
@@ -313,10 +316,6 @@ def load_resume(path, model, dictionary, args, recipe, progress_fields, nbatches
         torch.set_rng_state(rngs[rank]['cpu'])
         if device.type == 'cuda' and rngs[rank]['cuda'] is not None:
             torch.cuda.set_rng_state(rngs[rank]['cuda'], device)
-        # Files written before the hash was recorded have none: their metrics file is known by its length alone.
-        progress['metrics_sha256'] = state.get('metrics_sha256')
-        if not (progress['metrics_sha256'] is None or isinstance(progress['metrics_sha256'], str)):
-            raise ValueError('its metrics_sha256 is not a string')
         hidden = progress['hidden']
         if hidden is not None:
             progress['hidden'] = tuple(h.to(device) for h in hidden) if isinstance(hidden, tuple) else hidden.to(device)
@@ -332,6 +331,11 @@ def vocabulary_difference(saved, now):
         return (f'the vocabulary holds the same {len(now)} words in another order (word {first} was {saved[first]!r}, '
                 f'now {now[first]!r}): the words must first appear in --data in the same order')
     return f'the vocabulary differs ({len(saved)} words saved, {len(now)} in --data)'
+
+
+# Progress fields that SAVE.resume files written before they existed lack, with the value such a file means:
+# metrics_sha256 None, the metrics file known by its length alone.
+LATER_PROGRESS_FIELDS = {'metrics_sha256': None}
 
 
 def check_progress(progress, nbatches, initial_hidden):
@@ -352,6 +356,7 @@ def check_progress(progress, nbatches, initial_hidden):
         'line_seconds': is_number(p['line_seconds']),
         'elapsed': is_number(p['elapsed']),
         'metrics_bytes': is_int(p['metrics_bytes'], 0),
+        'metrics_sha256': p.get('metrics_sha256') is None or isinstance(p['metrics_sha256'], str),
         # An RNN run carries a state from batch 1 on; a Transformer (initial_hidden None) never has one.
         'hidden': ((p['hidden'] is None) == (p['next_batch'] == 0 or initial_hidden is None)
                    and same_shapes(p['hidden'], initial_hidden)),

@@ -146,11 +146,9 @@ def check_training_args(args):
         raise UsageError(f'--data {args.data}: no such directory.')
     check_seed(args.seed)
     data_files = [('--data', os.path.join(args.data, f'{split}.txt')) for split in wikitext.SPLITS]
-    # SAVE.resume may be --resume (it is read before it is replaced); --save and the metrics file may not.
-    resume_file = [('--resume', args.resume)] if args.resume is not None else []
-    check_output_file('--save', args.save, data_files + resume_file)
+    check_output_file('--save', args.save, data_files)
     check_output_file('SAVE.resume', args.save + '.resume', data_files)
-    check_output_file('SAVE.metrics.jsonl', args.save + '.metrics.jsonl', data_files + resume_file)
+    check_output_file('SAVE.metrics.jsonl', args.save + '.metrics.jsonl', data_files)
     if args.resume is not None:
         check_input_file('--resume', args.resume)
     if args.onnx_export:

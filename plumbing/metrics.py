@@ -190,6 +190,8 @@ def checked_record(path, number, line):
     if not isinstance(record, dict) or record.get('kind') not in RECORD_KEYS:
         raise DataError(f'{path} line {number} is not a record that training writes.')
     kind = record['kind']
+    if number == 1 and kind != 'run':
+        raise DataError(f'{path} does not start with a run record; is it a SAVE.metrics.jsonl file?')
     missing = [key for key in RECORD_KEYS[kind] + ('elapsed',) if key not in record]
     if missing:
         raise DataError(f"{path} line {number}: its {kind} record has no {' and no '.join(missing)}.")

@@ -8,6 +8,7 @@ import time
 import torch
 
 from plumbing import checkpoint, onnx_export
+from plumbing.cli import check_output_file
 from plumbing.errors import TrainingDiverged, WriteError
 from plumbing.files import SaveLock
 from plumbing.metrics import MetricsFile, first_record, ppl
@@ -242,12 +243,13 @@ class Session:
         and the random number generators of every rank."""
         setup, world = self.setup, self.world
         state = {**dataclasses.asdict(self.progress), **dataclasses.asdict(self.line),
-                 'elapsed': self.metrics.elapsed(), 'metrics_bytes': self.metrics.size()}
+                 'elapsed': self.metrics.elapsed(), 'metrics_bytes': self.metrics.size(),
+                 'metrics_sha256': self.metrics.digest()}
         state['hidden'] = world.gather_columns(self.progress.hidden)  # every rank's columns: the whole batch
         rng_states = world.gather(checkpoint.rng_state(setup.device))
         if world.is_main:
             checkpoint.save_resume(self.resume_file, setup.model, setup.corpus.dictionary, self.args, self.recipe,
-                                   state, rng_states, self.metrics.digest())
+                                   state, rng_states)
 
     def resumed(self):
         """Restore the run saved in --resume (model, recipe, this rank's random numbers): Progress, Line, clock,
@@ -255,8 +257,12 @@ class Session:
         setup, args, world = self.setup, self.args, self.world
         fields = [f.name for f in dataclasses.fields(Progress) + dataclasses.fields(Line)]
         saved = checkpoint.load_resume(args.resume, setup.model, setup.corpus.dictionary, args, self.recipe,
-                                       fields + ['elapsed', 'metrics_bytes'], len(setup.batch_starts),
+                                       fields + ['elapsed', 'metrics_bytes', 'metrics_sha256'], len(setup.batch_starts),
                                        world.rank, world.size)
+        # SAVE.resume may be --resume (it is replaced only after it was read); --save and the metrics file may not.
+        # Checked once --resume is known to be a resume checkpoint, before anything is written.
+        for name, path in (('--save', args.save), ('SAVE.metrics.jsonl', args.save + '.metrics.jsonl')):
+            check_output_file(name, path, [('--resume', args.resume)])
         progress = Progress(**{f.name: saved[f.name] for f in dataclasses.fields(Progress)})
         line = Line(**{f.name: saved[f.name] for f in dataclasses.fields(Line)})
         progress.hidden = world.my_columns(progress.hidden, args.batch_size)
