@@ -13,7 +13,7 @@ import torch
 from model import TransformerModel
 from plumbing import checkpoint, cli
 from plumbing.errors import UsageError
-from plumbing.files import atomic_write
+from plumbing.files import SaveLock, atomic_write
 from plumbing.signals import StopRequest
 
 
@@ -73,7 +73,8 @@ def main(argv=None):
     else:
         words = real_words[torch.randint(len(real_words), (1,), device=device)].view(1, 1)
     # A signal stops sampling after the current word; the words sampled so far are still written.
-    with StopRequest('word') as stop:
+    # SaveLock: one generate.py per --outf.
+    with StopRequest('word') as stop, SaveLock(args.outf, '--outf'):
         with atomic_write(args.outf, 'w', encoding='utf-8') as outf, torch.no_grad():
             if prompt:
                 outf.write(' '.join(prompt_words) + '\n')  # a line of its own: the model's words start on the next

@@ -332,6 +332,7 @@ def main(argv=None):
     shape = saved_batch_shape(args, ckpt)
     (batch_size, batch_size_from), (bptt, bptt_from) = shape['batch_size'], shape['bptt']
     model, idx2word, _ = checkpoint.model_from(ckpt, args.checkpoint)
+    cli.check_positions(model, bptt, bptt_from)
     tokens = read_tokens(args, idx2word)
     if len(tokens) // batch_size < 2:
         raise UsageError(f'--batch_size {batch_size} is too large for the {args.split} split ({len(tokens)} tokens): '

@@ -7,33 +7,13 @@ there first), the same against epochs (does it get as far per update), and the l
 against steps for the recipes that scale the loss. Needs matplotlib
 (pip install -r requirements-plot.txt).
 """
-import json
+import itertools
 import os
 import sys
 
 from plumbing import cli
-from plumbing.errors import DataError, UsageError
 from plumbing.files import atomic_write
-
-
-def read_run(path):
-    """The records of one metrics file, checked: a run record first, then train, epoch and end records."""
-    if not os.path.isfile(path):
-        raise UsageError(f'{path}: no such file.')
-    records = []
-    with open(path, encoding='utf-8') as f:
-        for number, line in enumerate(f, 1):
-            try:
-                record = json.loads(line)
-            except ValueError:
-                raise DataError(f'{path} line {number} is not a JSON record; '
-                                'is it a SAVE.metrics.jsonl file?') from None
-            if not isinstance(record, dict) or record.get('kind') not in ('run', 'train', 'epoch', 'end'):
-                raise DataError(f'{path} line {number} is not a record that training writes.')
-            records.append(record)
-    if not records or records[0]['kind'] != 'run':
-        raise DataError(f'{path} does not start with a run record; is it a SAVE.metrics.jsonl file?')
-    return records
+from plumbing.metrics import read_run
 
 
 def label(records):
@@ -49,7 +29,9 @@ def draw(runs, out):
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter
     plain = FuncFormatter(lambda value, _: f'{value:g}')  # 200, not 2 x 10^2
-    figure = Figure(figsize=(16, 4.8), layout='constrained')
+    # One legend below the panels, in 4 columns: the figure grows with it, however many runs there are.
+    legend_rows = -(-len(runs) // 4)
+    figure = Figure(figsize=(16, 4.8 + 0.22 * legend_rows), layout='constrained')
     by_time, by_epoch, scales = figure.subplots(1, 3)
     scaled = False
     for n, (color, (name, records)) in enumerate(zip(color_cycle(), runs)):
@@ -71,16 +53,15 @@ def draw(runs, out):
         ax.yaxis.set_major_formatter(plain)
         ax.yaxis.set_minor_formatter(plain)
         ax.grid(True, which='both', alpha=0.3)
-        ax.legend(fontsize='small')
     by_time.set_title('perplexity against time')
     by_epoch.set_title('perplexity against epochs')
     scales.set(title='loss scale', xlabel='step (batches trained)', yscale='log', ylabel='loss scale')
     if scaled:
         scales.set_yscale('log', base=2)
         scales.grid(True, alpha=0.3)
-        scales.legend(fontsize='small')
     else:
         scales.text(0.5, 0.5, 'no run scales its loss', ha='center', va='center', transform=scales.transAxes)
+    figure.legend(*by_epoch.get_legend_handles_labels(), loc='outside lower center', ncols=4, fontsize='small')
     devices = sorted({records[0]['device'] for _, records in runs})
     figure.suptitle('; '.join(devices), fontsize='small')
     with atomic_write(out) as f:
@@ -88,8 +69,9 @@ def draw(runs, out):
 
 
 def color_cycle():
+    """matplotlib's colours, over and over: every run is drawn, however many."""
     from matplotlib import rcParams
-    return rcParams['axes.prop_cycle'].by_key()['color'] * 4
+    return itertools.cycle(rcParams['axes.prop_cycle'].by_key()['color'])
 
 
 def main(argv=None):

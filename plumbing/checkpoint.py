@@ -87,6 +87,10 @@ def model_from(ckpt, path):
         check_weights(weights)
         check_model_args(args, weights)
         check_vocab(vocab, args['ntoken'])
+        # NaN or inf weights (a run that diverged) would make every output NaN.
+        broken = next((name for name, tensor in weights.items() if not torch.isfinite(tensor).all()), None)
+        if broken is not None:
+            raise ValueError(f'its weight {broken!r} holds inf or NaN values.')
         model = build_model(**args)
         model.load_state_dict({k: v.float() for k, v in weights.items()})
     except CONTENT_ERRORS as e:
@@ -290,7 +294,11 @@ def load_resume(path, model, dictionary, args, recipe, progress_fields, nbatches
         raise CannotResume(f'{path} is a best-model checkpoint, not a resume checkpoint (those are named SAVE.resume).')
     try:
         saved_args, saved_words, state = ckpt['args'], ckpt['vocab']['idx2word'], ckpt['resume']
-        if not isinstance(state.get('progress'), dict) or set(state['progress']) != set(progress_fields):
+        stored = state.get('progress')
+        if isinstance(stored, dict):
+            # Fields added since: a file written before has none, and still resumes.
+            stored = {**{k: v for k, v in LATER_PROGRESS_FIELDS.items() if k in progress_fields}, **stored}
+        if not isinstance(stored, dict) or set(stored) != set(progress_fields):
             raise CannotResume(f'{path} was written by another version of this example and cannot be resumed.')
         now = vars(args)  # a flag one script lacks (--dynamic-loss-scale) is off there
         # --nhead means nothing to an RNN, whose runs saved before the flag existed do not hold it.
@@ -301,12 +309,12 @@ def load_resume(path, model, dictionary, args, recipe, progress_fields, nbatches
         rule = (f' (a resumed run continues the saved one exactly: only {may_change_flags()} may change)'
                 if differences else '')
         if saved_words != dictionary.idx2word:
-            differences.append(f'the vocabulary differs ({len(saved_words)} words saved, {len(dictionary)} in --data)')
+            differences.append(vocabulary_difference(saved_words, dictionary.idx2word))
         if not differences and state['recipe'] != recipe.name:
             differences.append(f"the precision recipe was {state['recipe']}, now {recipe.name}")
         if differences:
             raise CannotResume(f'cannot resume from {path}: ' + '; '.join(differences) + rule + '.')
-        progress = dict(state['progress'])
+        progress = stored
         check_progress(progress, nbatches, model.init_hidden(args.batch_size))
         rngs = state['rng']
         if not (isinstance(rngs, list) and all(isinstance(r, dict) and isinstance(r['cpu'], torch.Tensor) for r in rngs)):
@@ -328,6 +336,20 @@ def load_resume(path, model, dictionary, args, recipe, progress_fields, nbatches
     return progress
 
 
+def vocabulary_difference(saved, now):
+    """How the vocabulary of --data differs from the saved one."""
+    if len(saved) == len(now) and sorted(map(str, saved)) == sorted(now):
+        first = next(i for i, (a, b) in enumerate(zip(saved, now)) if a != b)
+        return (f'the vocabulary holds the same {len(now)} words in another order (word {first} was {saved[first]!r}, '
+                f'now {now[first]!r}): the words must first appear in --data in the same order')
+    return f'the vocabulary differs ({len(saved)} words saved, {len(now)} in --data)'
+
+
+# Progress fields that SAVE.resume files written before they existed lack, with the value such a file means:
+# metrics_sha256 None, the metrics file known by its length alone.
+LATER_PROGRESS_FIELDS = {'metrics_sha256': None}
+
+
 def check_progress(progress, nbatches, initial_hidden):
     """Raise ValueError naming the first saved progress field a run could not continue from."""
     def is_number(x, low=0.0):
@@ -346,6 +368,7 @@ def check_progress(progress, nbatches, initial_hidden):
         'line_seconds': is_number(p['line_seconds']),
         'elapsed': is_number(p['elapsed']),
         'metrics_bytes': is_int(p['metrics_bytes'], 0),
+        'metrics_sha256': p.get('metrics_sha256') is None or isinstance(p['metrics_sha256'], str),
         # An RNN run carries a state from batch 1 on; a Transformer (initial_hidden None) never has one.
         'hidden': ((p['hidden'] is None) == (p['next_batch'] == 0 or initial_hidden is None)
                    and same_shapes(p['hidden'], initial_hidden)),

@@ -1,8 +1,10 @@
 """What every script does at the command line: flags and their checks, the device, and turning
 the errors library code raises into one sentence and an exit code (guarded_main)."""
 import argparse
+import contextlib
 import math
 import os
+import resource
 import sys
 
 import torch
@@ -54,11 +56,21 @@ def call_main(main, argv, prog):
             return report_error(lost if isinstance(lost, distributed.DistributedError)
                                 else distributed.lost_contact(lost), 1, prog)
         stopped = next((x for x in exception_chain(e) if isinstance(x, SignalExit)), None)
+        if stopped is None and is_out_of_memory(e):
+            return report_error('out of memory: the model, --batch_size and --bptt need more memory than this '
+                                "process may use (the machine's RAM, ulimit -v, the cgroup or the GPU); try smaller "
+                                'ones.', 1, prog)
         if stopped is None:
             raise
         if isinstance(stopped, Interrupted):
             return report_error(f'interrupted by {stopped} before anything was saved.', 128 + stopped.signum, prog)
         return 128 + stopped.signum  # SecondSignal: its handler has said so
+
+
+def is_out_of_memory(error):
+    """Whether error is an allocation that failed: Python's, torch's on the CPU (a RuntimeError) or on a GPU."""
+    return any(isinstance(x, (MemoryError, torch.OutOfMemoryError))
+               or isinstance(x, RuntimeError) and "can't allocate memory" in str(x) for x in exception_chain(error))
 
 
 # ---------------------------------------------------------------- training flags
@@ -197,8 +209,8 @@ def check_training_args(args):
     check_output_file('--save', args.save, data_files)
     check_output_file('SAVE.resume', args.save + '.resume', data_files)
     check_output_file('SAVE.metrics.jsonl', args.save + '.metrics.jsonl', data_files)
-    if args.resume is not None and not os.path.isfile(args.resume):
-        raise UsageError(f'--resume {args.resume}: no such file.')
+    if args.resume is not None:
+        check_input_file('--resume', args.resume)
     if args.onnx_export:
         check_onnx_export(args, data_files)
     if args.static_loss_scale is None:
@@ -207,6 +219,9 @@ def check_training_args(args):
         print('Warning:  static_loss_scale != 1.0 is only necessary with --fp16. '
               'Resetting static_loss_scale to 1.0')
         args.static_loss_scale = 1.0
+    if args.fp16 and math.frexp(args.static_loss_scale)[0] != 0.5:
+        print(f'Warning: --static-loss-scale {args.static_loss_scale:g} is not a power of 2, so scaling the loss and '
+              'unscaling the gradients round them; a power of 2 keeps both exact.')
 
 
 def check_transformer_args(args):
@@ -215,6 +230,13 @@ def check_transformer_args(args):
         raise UsageError(f'--emsize {args.emsize} must be a multiple of --nhead {args.nhead} with --model Transformer.')
     if args.bptt > TransformerModel.MAX_LEN:
         raise UsageError(f'--bptt must be at most {TransformerModel.MAX_LEN} with --model Transformer (got {args.bptt}).')
+
+
+def check_positions(model, bptt, source):
+    """A Transformer reads at most MAX_LEN positions at once (source: where bptt came from, '--bptt')."""
+    if model.rnn_type == 'Transformer' and bptt > TransformerModel.MAX_LEN:
+        raise UsageError(f'bptt {bptt} ({source}) must be at most {TransformerModel.MAX_LEN} for a Transformer, '
+                         'which reads at most that many positions at once.')
 
 
 def check_onnx_export(args, data_files):
@@ -273,16 +295,26 @@ def check_output_file(flag, path, inputs=()):
             raise UsageError(f'{flag} {path} is the same file as {input_flag} {input_path}; writing it would destroy it.')
 
 
+def check_input_file(flag, path):
+    """A file a script reads (flag '' for a positional argument): it must exist and be a regular file (a directory
+    or a FIFO is named as one)."""
+    name = f'{flag} {path}' if flag else path
+    if os.path.isdir(path):
+        raise UsageError(f'{name} is a directory; give a file.')
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise UsageError(f'{name} is not a regular file (a device, FIFO or socket); give a file.')
+    if not os.path.isfile(path):
+        raise UsageError(f'{name}: no such file.')
+
+
 def check_checkpoint_file(path):
-    """--checkpoint must be a file. Where it is missing but the SAVE.resume of a stopped run lies beside it, say so."""
-    if os.path.isfile(path):
-        return
+    """--checkpoint is an input file. Where it is missing but the SAVE.resume of a stopped run lies beside it, say so."""
     resume = path + '.resume'
-    if os.path.isfile(resume):
+    if not os.path.lexists(path) and os.path.isfile(resume):
         raise UsageError(f'--checkpoint {path}: no such file, but {resume} is: the run that writes {path} was '
                          f'stopped before an epoch ended, and {resume} holds its latest weights; give --checkpoint '
                          f'{resume} to use them.')
-    raise UsageError(f'--checkpoint {path}: no such file.')
+    check_input_file('--checkpoint', path)
 
 
 def check_seed(seed):
@@ -303,12 +335,44 @@ def check_model_size(args, ntokens, device):
     except (RuntimeError, OverflowError, ValueError):
         nbytes = math.inf
     if device.type == 'cuda':
-        memory = torch.cuda.mem_get_info(device)[1]
+        memory, what = torch.cuda.mem_get_info(device)[1], str(device)
     else:
-        memory = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+        memory, what = cpu_memory_limit()
     if nbytes > memory:
         raise UsageError(f'--emsize {args.emsize}, --nhid {args.nhid} and --nlayers {args.nlayers} make a model whose '
-                         f'weights need {nbytes / 2 ** 30:.3g} GiB, more than the {memory / 2 ** 30:.3g} GiB of {device}.')
+                         f'weights need {nbytes / 2 ** 30:.3g} GiB, more than the {memory / 2 ** 30:.3g} GiB '
+                         f'of {what}.')
+
+
+def cpu_memory_limit():
+    """(bytes, what they are): the smallest of the machine's RAM and the limits that apply to this process
+    (ulimit -v and -d, the cgroup's memory.max)."""
+    limits = [(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES'), 'cpu')]
+    for name, ulimit in (('RLIMIT_AS', 'ulimit -v'), ('RLIMIT_DATA', 'ulimit -d')):
+        soft = resource.getrlimit(getattr(resource, name))[0]
+        if soft != resource.RLIM_INFINITY:
+            limits.append((soft, f'this process ({ulimit})'))
+    for path in cgroup_memory_files():
+        with contextlib.suppress(OSError, ValueError):
+            with open(path) as f:
+                limits.append((int(f.read().strip()), f'this process\'s cgroup ({path})'))  # 'max': no limit
+    return min(limits)
+
+
+def cgroup_memory_files():
+    """The memory limit files of this process's cgroup: v2's memory.max, or v1's memory.limit_in_bytes."""
+    try:
+        with open('/proc/self/cgroup') as f:
+            entries = [line.rstrip('\n').split(':', 2) for line in f]
+    except OSError:
+        return []
+    files = []
+    for _, controllers, group in (e for e in entries if len(e) == 3):
+        if controllers == '':
+            files.append(f'/sys/fs/cgroup{group.rstrip("/")}/memory.max')
+        elif 'memory' in controllers.split(','):
+            files.append(f'/sys/fs/cgroup/memory{group.rstrip("/")}/memory.limit_in_bytes')
+    return files
 
 
 # ---------------------------------------------------------------- device

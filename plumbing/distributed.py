@@ -20,6 +20,7 @@ makes the same update (the same overflow decision, the same loss scale).
 Without torchrun World is rank 0 of 1: nothing is wrapped, nothing is sent.
 """
 import datetime
+import math
 import os
 import sys
 
@@ -27,19 +28,23 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from plumbing.errors import DistributedError
+from plumbing.errors import DistributedError, UsageError
+from plumbing.signals import watch_stuck_waits
 
-# A rank that waits longer than this for the others (one died, or hangs) gives up with an error.
-COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
+# A rank that waits longer than this for the others (one died, hangs or never came) gives up with an error:
+# WORD_LM_PEER_TIMEOUT seconds (an environment variable, like torchrun's own settings; 60 by default).
+PEER_TIMEOUT_VARIABLE, PEER_TIMEOUT_S = 'WORD_LM_PEER_TIMEOUT', 60.0
 
 
 class World:
     """This process's place among the ranks, and what they exchange."""
 
     def __init__(self):
-        self.rank = int(os.environ.get('RANK', 0))
-        self.size = int(os.environ.get('WORLD_SIZE', 1))
-        self.local_rank = int(os.environ.get('LOCAL_RANK', 0))
+        self.rank, self.size, self.local_rank = (environment_int(name) for name in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'))
+        if self.size < 1 or not 0 <= self.rank < self.size or self.local_rank < 0:
+            raise UsageError(f'RANK={self.rank}, WORLD_SIZE={self.size} and LOCAL_RANK={self.local_rank} in the '
+                             'environment do not describe a process of torchrun; unset them, or start the script with '
+                             'torchrun.')
         # Under torchrun even one process joins a process group (NCCL or gloo), so that
         # `torchrun --nproc_per_node 1` runs the code of many ranks; started plainly, a process is alone.
         self.alone = self.size == 1 and 'TORCHELASTIC_RUN_ID' not in os.environ
@@ -54,12 +59,19 @@ class World:
         """Join the other ranks: NCCL between GPUs, gloo on the CPU. The other ranks print nothing."""
         if self.alone:
             return
+        if not (os.environ.get('MASTER_ADDR') and os.environ.get('MASTER_PORT')):
+            raise UsageError(f'WORLD_SIZE={self.size} in the environment asks for {self.size} processes, but '
+                             'MASTER_ADDR and MASTER_PORT are not set; start the script with torchrun, or unset '
+                             'WORLD_SIZE.')
+        timeout = peer_timeout()
+        # Ctrl-C, SIGTERM and SIGHUP are honoured during the waits for the other ranks too.
+        watch_stuck_waits()
         if device.type == 'cuda':
             torch.cuda.set_device(device)
-            dist.init_process_group('nccl', timeout=COLLECTIVE_TIMEOUT, device_id=device)
-            self.cpu_group = dist.new_group(backend='gloo', timeout=COLLECTIVE_TIMEOUT)
+            dist.init_process_group('nccl', timeout=timeout, device_id=device)
+            self.cpu_group = dist.new_group(backend='gloo', timeout=timeout)
         else:
-            dist.init_process_group('gloo', timeout=COLLECTIVE_TIMEOUT)
+            dist.init_process_group('gloo', timeout=timeout)
         if not self.is_main:
             sys.stdout = open(os.devnull, 'w')
 
@@ -145,6 +157,28 @@ class World:
             raise lost_contact(e) from None
 
 
+def peer_timeout():
+    """How long a rank waits for the others: WORD_LM_PEER_TIMEOUT seconds, 60 by default."""
+    text = os.environ.get(PEER_TIMEOUT_VARIABLE, str(PEER_TIMEOUT_S))
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise UsageError(f'{PEER_TIMEOUT_VARIABLE}={text} in the environment must be a positive number of seconds.')
+    return datetime.timedelta(seconds=seconds)
+
+
+def environment_int(name):
+    """torchrun's variable name as an integer (0 for RANK and LOCAL_RANK, 1 for WORLD_SIZE when unset)."""
+    value = os.environ.get(name, '1' if name == 'WORLD_SIZE' else '0')
+    try:
+        return int(value)
+    except ValueError:
+        raise UsageError(f'{name}={value} in the environment is not a whole number; torchrun sets it, '
+                         'and without torchrun it should be unset.') from None
+
+
 def sum_gradients(state, bucket):
     """DDP's gradient exchange, summing where DDP would average. Each rank's loss is its share of
     the mean over all columns, so each rank's gradients (of activations too) are as large as one
@@ -162,8 +196,10 @@ def is_lost_contact(error):
     """Whether error, raised under torchrun, says that another rank is gone."""
     if isinstance(error, DistributedError):
         return True
-    return not World().alone and (isinstance(error, dist.DistError) or isinstance(error, RuntimeError)
-                                 and any(sign in str(error) for sign in LOST_CONTACT_SIGNS))
+    under_torchrun = ('TORCHELASTIC_RUN_ID' in os.environ
+                      or os.environ.get('WORLD_SIZE', '1').strip() not in ('', '0', '1'))
+    return under_torchrun and (isinstance(error, dist.DistError) or isinstance(error, RuntimeError)
+                               and any(sign in str(error) for sign in LOST_CONTACT_SIGNS))
 
 
 def lost_contact(error):
@@ -171,5 +207,7 @@ def lost_contact(error):
     text = str(error).strip()
     seen = next((sign for sign in LOST_CONTACT_SIGNS if sign in text), None)
     seen = seen or (text.splitlines()[0][:120] if text else type(error).__name__)
-    return DistributedError(f'rank {World().rank} lost contact with the other ranks ({seen}); '
-                            'one of them stopped or died, and its own output says why.')
+    seconds = os.environ.get(PEER_TIMEOUT_VARIABLE, f'{PEER_TIMEOUT_S:g}')
+    waited = f': no answer for {seconds} s, {PEER_TIMEOUT_VARIABLE}' if seen.lower() == 'timed out' else ''
+    return DistributedError(f"rank {os.environ.get('RANK', '0')} lost contact with the other ranks ({seen}{waited}); "
+                            'one of them stopped, died or never came, and its own output says why.')

@@ -4,8 +4,9 @@ import fcntl
 import os
 import re
 import secrets
+import stat
 
-from plumbing.errors import SaveInUse, WriteError, exception_chain
+from plumbing.errors import SaveInUse, UsageError, WriteError, exception_chain
 
 
 @contextlib.contextmanager
@@ -52,51 +53,95 @@ def os_error(e):
 
 
 class SaveLock:
-    """One run per --save: an advisory lock on a hidden file beside it, held while the run lasts.
+    """One run per file it writes: an advisory lock on a hidden file beside each (.NAME.lock), held
+    while the run lasts. flag, path: the file named on the command line (--save); others: (name, path)
+    pairs of the other files the run writes (SAVE.resume, ...), so that `--save x.pt` and
+    `--save x.pt.resume` cannot both write x.pt.resume.
 
-    The operating system drops the lock when the process dies, so a killed run never blocks
-    the next. Holding it, the run removes the temporary files a killed run left beside SAVE.
+    The operating system drops the locks when the process dies, so a killed run never blocks
+    the next. A lock file that is not a regular file of its own (a symbolic link, hard link,
+    directory or FIFO) is refused, never followed. Holding the locks, the run removes the
+    temporary files a killed run left beside the files it writes.
     """
 
-    def __init__(self, save):
-        directory, name = os.path.split(os.path.abspath(save))
-        self.save, self.directory, self.name = save, directory, name
-        self.path = os.path.join(directory, f'.{name}.lock')
+    def __init__(self, path, flag='--save', others=()):
+        self.save, self.flag = path, flag
+        self.files = [(flag, path), *others]
+        self.directory = os.path.dirname(os.path.abspath(path))
 
     def __enter__(self):
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                owner = os.read(fd, 32).decode('ascii', 'replace').strip() or 'unknown'
-                os.close(fd)
-                raise SaveInUse(f'--save {self.save} is in use by another run (process {owner}); '
-                                f'wait for it to finish or give another --save.') from None
-            # The previous holder may have removed the file between our open and our lock: lock the file at path.
-            with contextlib.suppress(FileNotFoundError):
-                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
-                    break
-            os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, f'{os.getpid()}\n'.encode())
-        self.fd = fd
+        self.held = []
+        try:
+            for name, path in self.files:
+                self.held.append(take_lock(name, path, self.flag))
+        except BaseException:
+            self.__exit__()
+            raise
         self.remove_stale_temp_files()
         return self
 
     def __exit__(self, *exc):
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
-        os.close(self.fd)
+        for path, fd in self.held:
+            # Only our own lock file: not one that replaced it.
+            with contextlib.suppress(OSError):
+                if os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                    os.unlink(path)
+            os.close(fd)
+        self.held = []
 
     def remove_stale_temp_files(self):
-        """Temporary files of --save and SAVE.resume: only a killed run leaves them, and no other run may write them."""
+        """Temporary files of the files the run writes: only a killed run leaves them, and no other run writes them."""
+        names = {os.path.basename(os.path.abspath(path)) for _, path in self.files}
         removed = 0
         for entry in os.scandir(self.directory):
             match = TEMP_NAME.fullmatch(entry.name)
-            if match and match['name'] in (self.name, self.name + '.resume') and entry.is_file(follow_symlinks=False):
+            if match and match['name'] in names and entry.is_file(follow_symlinks=False):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.path)
                     removed += 1
         if removed:
             print(f'| removed {removed} temporary file(s) that a killed run left beside {self.save}', flush=True)
+
+
+def lock_name(path):
+    """The lock file of path: .NAME.lock beside it."""
+    directory, name = os.path.split(os.path.abspath(path))
+    return os.path.join(directory, f'.{name}.lock')
+
+
+def take_lock(name, path, flag):
+    """(lock file, its descriptor) for path, locked; SaveInUse if another run holds it."""
+    lock = lock_name(path)
+    while True:
+        fd = open_lock_file(lock, name, path)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.read(fd, 32).decode('ascii', 'replace').strip() or 'unknown'
+            os.close(fd)
+            raise SaveInUse(f'{name} {path} is in use by another run (process {owner}); '
+                            f'wait for it to finish or give another {flag}.') from None
+        # The previous holder may have removed the file between our open and our lock: lock the file at path.
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(lock, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f'{os.getpid()}\n'.encode())
+    return lock, fd
+
+
+def open_lock_file(lock, name, path):
+    """A descriptor of the lock file, created if missing; a UsageError if it is not a regular file of its own."""
+    try:
+        # O_NOFOLLOW: a symbolic link is refused, not followed; O_NONBLOCK: a FIFO does not hang the open.
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+    except OSError as e:
+        kind = 'a symbolic link' if os.path.islink(lock) else 'a directory' if os.path.isdir(lock) else e.strerror
+        raise UsageError(f'{lock}, the lock file of {name} {path}, cannot be used ({kind}); remove it.') from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        os.close(fd)
+        kind = 'a hard link to another file' if stat.S_ISREG(info.st_mode) else 'not a regular file'
+        raise UsageError(f'{lock}, the lock file of {name} {path}, cannot be used ({kind}); remove it.')
+    return fd

@@ -8,6 +8,7 @@ import time
 import torch
 
 from plumbing import checkpoint, onnx_export
+from plumbing.cli import check_output_file
 from plumbing.errors import TrainingDiverged, WriteError
 from plumbing.files import SaveLock
 from plumbing.metrics import MetricsFile, first_record, ppl
@@ -62,14 +63,18 @@ class Session:
         self.files = contextlib.ExitStack()
         try:
             if world.is_main:
-                self.files.enter_context(SaveLock(args.save))
+                # Every file the run writes, so that no two runs write one.
+                others = [('SAVE.resume', self.resume_file), ('SAVE.metrics.jsonl', args.save + '.metrics.jsonl')]
+                if args.onnx_export:
+                    others.append(('--onnx-export', args.onnx_export))
+                self.files.enter_context(SaveLock(args.save, others=others))
             self.stop = self.files.enter_context(StopRequest())
             if args.resume:
-                self.progress, self.line, elapsed, metrics_bytes = self.resumed()
+                self.progress, self.line, elapsed, metrics_bytes, metrics_sha256 = self.resumed()
             else:
-                self.progress, self.line, elapsed, metrics_bytes = Progress(), Line(), 0.0, None
+                self.progress, self.line, elapsed, metrics_bytes, metrics_sha256 = Progress(), Line(), 0.0, None, None
             self.metrics = self.files.enter_context(MetricsFile(
-                args.save + '.metrics.jsonl' if world.is_main else None, metrics_bytes, elapsed))
+                args.save + '.metrics.jsonl' if world.is_main else None, metrics_bytes, elapsed, metrics_sha256))
             self.start()
         except BaseException:
             self.files.close()
@@ -122,6 +127,7 @@ class Session:
             progress.epoch_skipped += 1
             scale = '' if self.recipe.loss_scale is None else f', loss scale now {self.recipe.loss_scale:g}'
             print(f'| gradients are not finite: update skipped ({progress.skipped} so far{scale})', flush=True)
+            self.check_skipped(loss)
         self.line_loss += loss
         line.line_tokens += ntokens * world.size  # every rank trains as many
         done = progress.next_batch
@@ -147,6 +153,18 @@ class Session:
         epoch = (now - self.first_batch_done) / (batches - 1) * nbatches
         print(f'| training: {batches} batches in {now - self.epoch_clock:.1f}s, so about {epoch:.0f}s an epoch '
               f'of {nbatches} batches; a progress line every {self.args.log_interval} batches', flush=True)
+
+    def check_skipped(self, loss):
+        """A skipped update is a loss scale's business only while the loss itself is finite, and while some update
+        of the epoch is made: a non-finite loss, or an epoch whose every update was skipped, stops the run as
+        diverged, before the untrained model could be saved as the best."""
+        progress, nbatches = self.progress, len(self.setup.batch_starts)
+        if self.world.any(not bool(torch.isfinite(loss))):
+            raise self.diverged('the loss itself became inf or NaN, which no loss scale can make finite')
+        if progress.next_batch == nbatches and progress.epoch_skipped == nbatches:
+            scale = '' if self.recipe.loss_scale is None else f' (loss scale now {self.recipe.loss_scale:g})'
+            raise self.diverged(f'all {nbatches} updates of the epoch were skipped for non-finite gradients{scale}, '
+                                'so the model did not train; a smaller --static-loss-scale or --lr may help')
 
     def print_line(self, done):
         progress, line, recipe = self.progress, self.line, self.recipe
@@ -230,7 +248,12 @@ class Session:
             print('| no epoch finished, so there is no best model: testing the current weights')
             return model
         try:
-            model.load_state_dict(checkpoint.load(self.args.save)['model'])
+            best = checkpoint.load(self.args.save)
+            # --save may hold another run's model (a resume with another --save): this run's has its validation loss.
+            if best.get('best_val_loss') != self.progress.best_val_loss:
+                raise checkpoint.CheckpointError(f'{self.args.save} holds another run\'s model, not the one of '
+                                                 f'valid loss {self.progress.best_val_loss:.2f}')
+            model.load_state_dict(best['model'])
         except (checkpoint.CheckpointError, KeyError, RuntimeError) as e:
             print(f'| the best model cannot be loaded ({e}): testing the current weights')
         return model
@@ -251,7 +274,8 @@ class Session:
         and the random number generators of every rank."""
         setup, world = self.setup, self.world
         state = {**dataclasses.asdict(self.progress), **dataclasses.asdict(self.line),
-                 'elapsed': self.metrics.elapsed(), 'metrics_bytes': self.metrics.size()}
+                 'elapsed': self.metrics.elapsed(), 'metrics_bytes': self.metrics.size(),
+                 'metrics_sha256': self.metrics.digest()}
         state['hidden'] = world.gather_columns(self.progress.hidden)  # every rank's columns: the whole batch
         rng_states = world.gather(checkpoint.rng_state(setup.device))
         if world.is_main:
@@ -264,18 +288,24 @@ class Session:
         setup, args, world = self.setup, self.args, self.world
         fields = [f.name for f in dataclasses.fields(Progress) + dataclasses.fields(Line)]
         saved = checkpoint.load_resume(args.resume, setup.model, setup.corpus.dictionary, args, self.recipe,
-                                       fields + ['elapsed', 'metrics_bytes'], len(setup.batch_starts),
+                                       fields + ['elapsed', 'metrics_bytes', 'metrics_sha256'], len(setup.batch_starts),
                                        world.rank, world.size)
+        # SAVE.resume may be --resume (it is replaced only after it was read); --save and the metrics file may not.
+        # Checked once --resume is known to be a resume checkpoint, before anything is written.
+        for name, path in (('--save', args.save), ('SAVE.metrics.jsonl', args.save + '.metrics.jsonl')):
+            check_output_file(name, path, [('--resume', args.resume)])
         progress = Progress(**{f.name: saved[f.name] for f in dataclasses.fields(Progress)})
         line = Line(**{f.name: saved[f.name] for f in dataclasses.fields(Line)})
         progress.hidden = world.my_columns(progress.hidden, args.batch_size)
         print(f'| resuming {args.resume} at epoch {progress.epoch}, batch {progress.next_batch}', flush=True)
-        return progress, line, saved['elapsed'], saved['metrics_bytes']
+        return progress, line, saved['elapsed'], saved['metrics_bytes'], saved['metrics_sha256']
 
-    def diverged(self):
+    def diverged(self, why=None):
         lr = self.recipe.optimizer.param_groups[0]['lr']
         kept = (f'the best model so far is kept in {self.args.save}' if self.progress.best_val_loss is not None
                 else 'no model was saved')
+        if why is not None:
+            return TrainingDiverged(f'training diverged in epoch {self.progress.epoch}: {why}; {kept}.')
         return TrainingDiverged(f'training diverged: the loss or the gradients became inf or NaN in epoch '
                                 f'{self.progress.epoch} with lr {lr:g} (try a smaller --lr); {kept}.')
 

@@ -6,6 +6,8 @@ import os
 import select
 import signal
 import sys
+import threading
+import time
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # Ctrl-C, kill, a closed terminal
 
@@ -134,6 +136,7 @@ class StopRequest:
         self.read_end, self.write_end = os.pipe()
         os.set_blocking(self.write_end, False)  # set_wakeup_fd requires it
         self.previous_wakeup_fd = signal.set_wakeup_fd(self.write_end, warn_on_full_buffer=False)
+        WAKEUP_READ_ENDS.append(self.read_end)
         self.previous = {s: signal.signal(s, self.handle) for s in handled_signals()}
         return self
 
@@ -141,6 +144,7 @@ class StopRequest:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
         signal.set_wakeup_fd(self.previous_wakeup_fd)
+        WAKEUP_READ_ENDS.remove(self.read_end)
         os.close(self.read_end)
         os.close(self.write_end)
 
@@ -160,3 +164,48 @@ class StopRequest:
             raise SecondSignal(signum)
         self.signum = signum
         say(f'\n| {signal.Signals(signum).name}: stopping after this {self.step} (once more to quit at once)')
+
+
+# The read ends of the wakeup fds in use, the current one last (watch_stuck_waits reads it).
+WAKEUP_READ_ENDS = []
+STUCK_GRACE_S = 5.0  # how long a signal may wait for Python's handler before the process ends without it
+
+
+def watch_stuck_waits():
+    """Honour a stop signal while the main thread waits in C code for other processes (torchrun's ranks).
+
+    Python runs a signal handler only between two bytecodes of the main thread, never during a wait of
+    torch.distributed, which lasts until the wait's timeout. A thread watches the wakeup fd: a stop
+    signal whose byte nobody has read for STUCK_GRACE_S seconds ends the process with one sentence and
+    exit code 128 + signum. Every file is written atomically, so each one is whole.
+    """
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+    WAKEUP_READ_ENDS.append(read_end)
+    threading.Thread(target=end_if_stuck, name='stuck-wait-watch', daemon=True).start()
+
+
+def end_if_stuck():
+    pending_since = None
+    while True:
+        time.sleep(0.25)
+        try:
+            fd = WAKEUP_READ_ENDS[-1]
+            ready = select.select([fd], [], [], 0)[0]
+        except (IndexError, OSError, ValueError):  # a StopRequest ended meanwhile
+            pending_since = None
+            continue
+        pending_since = (pending_since or time.monotonic()) if ready else None
+        if pending_since is None or time.monotonic() - pending_since < STUCK_GRACE_S:
+            continue
+        with contextlib.suppress(OSError):
+            signums = [n for n in os.read(fd, 4096) if n in STOP_SIGNALS]
+            if signums:
+                name = signal.Signals(signums[0]).name
+                with contextlib.suppress(Exception):
+                    sys.stdout.flush()
+                    print(f'{os.path.basename(sys.argv[0])}: error: stopped by {name} while waiting for the other '
+                          'ranks, which do not answer; the files saved before are whole.', file=sys.stderr, flush=True)
+                os._exit(128 + signums[0])
+        pending_since = None

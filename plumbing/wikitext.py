@@ -35,6 +35,8 @@ def split_files(path):
     for file in files.values():
         if os.path.isdir(file):
             raise DataError(f'{file} is a directory, not a text file.')
+        if os.path.exists(file) and not os.path.isfile(file):
+            raise DataError(f'{file} is not a regular file (a FIFO, device or socket); give a directory of text files.')
         if not os.path.isfile(file):
             raise DataError(f'{file} is missing (the data directory needs train.txt, valid.txt and test.txt).')
     return files
@@ -96,6 +98,7 @@ def text_chunks(path, size):
     is not UTF-8 raises DataError as soon as its chunk is read, giving a bad byte's offset.
     """
     decoder = codecs.getincrementaldecoder('utf-8')()
+    at_start = True  # a byte-order mark there (which some editors write) is not text
     offset = 0  # in the file, of the next byte read
     held_cr = ''
     with open(path, 'rb') as f:
@@ -110,6 +113,8 @@ def text_chunks(path, size):
             if nul >= 0:
                 raise DataError(f'{path} is not a text file (it contains NUL bytes).')
             offset += len(raw)
+            if at_start and text:
+                text, at_start = text.removeprefix('\ufeff'), False
             if held_cr:
                 text = held_cr + text
                 held_cr = ''

@@ -108,6 +108,14 @@ def make_tiny_corpus(directory, seed=0):
 # slow every batch down on a busy 2-core machine.
 ENV = {'OMP_NUM_THREADS': '1'}
 
+# The stderr rule made structural: every Python process the suite starts (through os.environ, which
+# every helper passes on, torchrun's ranks included) prints START_UP_LINE on stderr when it starts,
+# from a sitecustomize.py put first on PYTHONPATH, as a package's harmless warning would; call_script
+# prints it too. A test that asserts a whole stderr stream fails at once; assert the sentence instead.
+START_UP_LINE = 'tests/conftest.py: a harmless start-up line on stderr, as another package may print'
+STARTUP_DIR = REPO / 'tests' / 'startup_line'
+os.environ['PYTHONPATH'] = os.pathsep.join(p for p in (str(STARTUP_DIR), os.environ.get('PYTHONPATH')) if p)
+
 
 @pytest.fixture(scope='session')
 def corpus_dir(tmp_path_factory):
@@ -147,6 +155,7 @@ def call_script(monkeypatch, capsys):
         monkeypatch.chdir(cwd)
         monkeypatch.setattr(sys, 'argv', [str(REPO / script)])
         capsys.readouterr()  # only what this call prints
+        print(START_UP_LINE, file=sys.stderr)
         args = [str(a) for a in args]
         code = cli.guarded_main(main, args)
         out, err = capsys.readouterr()
