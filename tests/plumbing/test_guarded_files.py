@@ -156,11 +156,9 @@ def test_the_cpu_memory_check_reads_the_process_limits(monkeypatch):
     assert cli.cpu_memory_limit()[0] <= limit
 
     class Args:
-        emsize = nhid = 12000
-        nlayers = 2
-    build = lambda: RNNModel('LSTM', 100, Args.emsize, Args.nhid, Args.nlayers)
+        model, emsize, nhid, nlayers, dropout, tied = 'LSTM', 12000, 12000, 2, 0.0, False
     with pytest.raises(UsageError, match=r'more than the 3 GiB of this process \(ulimit -v\)'):
-        cli.check_model_size(build, Args, torch.device('cpu'))
+        cli.check_model_size(Args, 100, torch.device('cpu'))
 
 
 @pytest.mark.parametrize('environment, sentence', [

@@ -27,6 +27,7 @@ def run_module(module, *args, timeout=240):
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
+@pytest.mark.slow
 def test_recipes_smoke_writes_every_recipe(tmp_path):
     out = tmp_path / 'bench.json'
     proc = run_module('benchmarks.recipes', '--smoke', '--json', out, timeout=300)

@@ -70,11 +70,11 @@ def test_a_hard_linked_metrics_file_is_never_written_into(tmp_path, corpus_dir):
     notes = tmp_path / 'notes.txt'
     notes.write_text('my notes\n')
     os.link(notes, tmp_path / 'model.pt.metrics.jsonl')
-    trained(tmp_path, corpus_dir, '--dry-run')
+    trained(tmp_path, corpus_dir)
     assert notes.read_text() == 'my notes\n'
     os.unlink(tmp_path / 'model.pt.metrics.jsonl')
     os.link(notes, tmp_path / 'model.pt.metrics.jsonl')
-    trained(tmp_path, corpus_dir, '--dry-run', '--resume', 'model.pt.resume', epochs=2)  # resume cuts no file
+    trained(tmp_path, corpus_dir, '--resume', 'model.pt.resume', epochs=2)  # resume cuts no file
     assert notes.read_text() == 'my notes\n'
 
 
@@ -82,15 +82,15 @@ def test_a_lock_file_that_is_a_symlink_is_not_followed(tmp_path, corpus_dir):
     target = tmp_path / 'precious.txt'
     target.write_text('keep\n')
     (tmp_path / '.model.pt.lock').symlink_to(target)
-    line = error_line(train(tmp_path, corpus_dir, '--dry-run'), 'main.py', 2)
+    line = error_line(train(tmp_path, corpus_dir), 'main.py', 2)
     assert line.endswith('the lock file of --save model.pt, cannot be used (a symbolic link); remove it.'), line
     assert target.read_text() == 'keep\n' and (tmp_path / '.model.pt.lock').is_symlink()
 
 
 def test_save_may_not_be_the_resume_input(tmp_path, corpus_dir):
-    trained(tmp_path, corpus_dir, '--dry-run')
+    trained(tmp_path, corpus_dir)
     before = (tmp_path / 'model.pt.resume').read_bytes()
-    proc = train(tmp_path, corpus_dir, '--dry-run', '--save', 'model.pt.resume', '--resume', 'model.pt.resume',
+    proc = train(tmp_path, corpus_dir, '--save', 'model.pt.resume', '--resume', 'model.pt.resume',
                  epochs=2)
     line = error_line(proc, 'main.py', 2)
     assert 'is the same file as --resume model.pt.resume' in line, line
@@ -102,7 +102,7 @@ def test_runs_that_would_write_one_file_cannot_both_start(tmp_path, corpus_dir):
                   '--log-interval', 1, cwd=tmp_path)
     try:
         wait_for(first, '| epoch')
-        proc = train(tmp_path, corpus_dir, '--dry-run', '--save', 'x.pt.resume')
+        proc = train(tmp_path, corpus_dir, '--save', 'x.pt.resume')
         line = error_line(proc, 'main.py', 2)
         assert line == (f'main.py: error: --save x.pt.resume is in use by another run (process {first.pid}); '
                         'wait for it to finish or give another --save.'), line
@@ -154,11 +154,11 @@ def test_torchruns_variables_left_in_the_environment_are_a_sentence(environment,
 # ---------------------------------------------------------------- 3. the metrics file on resume
 
 def test_a_metrics_file_cut_mid_record_is_started_anew_on_resume(tmp_path, corpus_dir):
-    trained(tmp_path, corpus_dir, '--dry-run')
+    trained(tmp_path, corpus_dir)
     path = tmp_path / 'model.pt.metrics.jsonl'
     kept = path.read_bytes()
     path.write_bytes(kept[:len(kept.splitlines(keepends=True)[0]) + 20])  # the run record and a piece of the next
-    proc = trained(tmp_path, corpus_dir, '--dry-run', '--resume', 'model.pt.resume', epochs=2)
+    proc = trained(tmp_path, corpus_dir, '--resume', 'model.pt.resume', epochs=2)
     assert 'model.pt.metrics.jsonl is missing or shorter than the' in proc.stdout
     kinds = [json.loads(line)['kind'] for line in path.read_text().splitlines()]
     assert kinds[0] == 'run' and kinds.count('run') == 1
@@ -167,11 +167,11 @@ def test_a_metrics_file_cut_mid_record_is_started_anew_on_resume(tmp_path, corpu
 
 
 def test_a_longer_metrics_file_of_another_run_is_not_continued(tmp_path, corpus_dir):
-    trained(tmp_path, corpus_dir, '--dry-run')
+    trained(tmp_path, corpus_dir)
     resume = (tmp_path / 'model.pt.resume').read_bytes()
-    trained(tmp_path, corpus_dir, '--dry-run', '--lr', 3, epochs=3)  # another run on the same --save
+    trained(tmp_path, corpus_dir, '--lr', 3, epochs=3)  # another run on the same --save
     (tmp_path / 'model.pt.resume').write_bytes(resume)
-    proc = trained(tmp_path, corpus_dir, '--dry-run', '--resume', 'model.pt.resume', epochs=2)
+    proc = trained(tmp_path, corpus_dir, '--resume', 'model.pt.resume', epochs=2)
     assert "holds another run's records" in proc.stdout, describe(proc)
     records = [json.loads(line) for line in (tmp_path / 'model.pt.metrics.jsonl').read_text().splitlines()]
     assert records[0]['kind'] == 'run' and records[0]['resumed'] and all(r.get('flags', {}).get('lr', 20) == 20
@@ -181,7 +181,7 @@ def test_a_longer_metrics_file_of_another_run_is_not_continued(tmp_path, corpus_
 # ---------------------------------------------------------------- 4. one sentence, not a traceback
 
 def test_generate_refuses_a_checkpoint_of_nan_weights(tmp_path, corpus_dir):
-    trained(tmp_path, corpus_dir, '--dry-run')
+    trained(tmp_path, corpus_dir)
     ckpt = torch.load(tmp_path / 'model.pt', weights_only=True)
     ckpt['model']['decoder.weight'].fill_(float('nan'))
     checkpoint.save(ckpt, str(tmp_path / 'nan.pt'))
@@ -197,7 +197,7 @@ def test_plot_refuses_what_is_not_a_metrics_file(what, tmp_path, corpus_dir):
                'missing keys': (json.dumps({**run, 'batches_per_epoch': 2}) + '\n{"kind": "epoch"}\n').encode(),
                'no batches': (json.dumps(run) + '\n').encode()}[what]
     if content is None:
-        trained(tmp_path, corpus_dir, '--dry-run')
+        trained(tmp_path, corpus_dir)
         os.replace(tmp_path / 'model.pt', tmp_path / 'bad')
     else:
         (tmp_path / 'bad').write_bytes(content)
@@ -206,7 +206,7 @@ def test_plot_refuses_what_is_not_a_metrics_file(what, tmp_path, corpus_dir):
 
 
 def test_grad_stats_refuses_a_bptt_longer_than_a_transformer_reads(tmp_path, corpus_dir):
-    trained(tmp_path, corpus_dir, '--dry-run', '--model', 'Transformer', '--nhead', 2)
+    trained(tmp_path, corpus_dir, '--model', 'Transformer', '--nhead', 2)
     proc = run_script('grad_stats.py', '--checkpoint', 'model.pt', '--data', corpus_dir, '--bptt', 6000,
                       '--batch_size', 1, '--batches', 1, cwd=tmp_path)
     assert 'bptt 6000 (--bptt) must be at most' in error_line(proc, 'grad_stats.py', 2)
@@ -241,6 +241,7 @@ def wait_until_listening(port, proc, timeout=60):
     pytest.fail('rank 0 never started waiting for the others')
 
 
+@pytest.mark.slow
 def test_sigterm_while_waiting_for_a_rank_that_never_comes(tmp_path, corpus_dir):
     port = free_port()
     proc = start(REPO / 'main.py', '--data', corpus_dir, *TINY, '--dry-run', cwd=tmp_path, env=missing_rank_env(port))
@@ -254,6 +255,7 @@ def test_sigterm_while_waiting_for_a_rank_that_never_comes(tmp_path, corpus_dir)
     assert 'stopped by SIGTERM while waiting for the other ranks' in line and took < 15, (took, line)
 
 
+@pytest.mark.slow
 def test_a_rank_that_never_comes_is_reported_after_the_peer_timeout(tmp_path, corpus_dir):
     port = free_port()
     began = time.time()
@@ -264,6 +266,7 @@ def test_a_rank_that_never_comes_is_reported_after_the_peer_timeout(tmp_path, co
     assert 'no answer for 5 s, WORD_LM_PEER_TIMEOUT' in line and time.time() - began < 45, line
 
 
+@pytest.mark.slow
 def test_a_stopped_rank_is_reported_within_the_peer_timeout(tmp_path, corpus_dir):
     torchrun = start('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', REPO / 'main.py',
                      '--data', corpus_dir, *TINY, '--epochs', 1000, '--log-interval', 1, cwd=tmp_path,
@@ -289,7 +292,7 @@ def test_a_stopped_rank_is_reported_within_the_peer_timeout(tmp_path, corpus_dir
 # ---------------------------------------------------------------- 7. smaller ones
 
 def test_two_generate_runs_cannot_write_one_outf(tmp_path, corpus_dir):
-    trained(tmp_path, corpus_dir, '--dry-run')
+    trained(tmp_path, corpus_dir)
     first = start(REPO / 'generate.py', '--checkpoint', 'model.pt', '--words', 10 ** 8, '--log-interval', 100,
                   cwd=tmp_path)
     try:

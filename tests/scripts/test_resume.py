@@ -129,6 +129,7 @@ def test_rnn_run_saved_before_nhead_existed_still_resumes(corpus_dir, tmp_path, 
     assert proc.returncode == 0 and '| resuming model.pt.resume at epoch 2, batch 0' in proc.stdout, describe(proc)
 
 
+@pytest.mark.slow
 def test_resume_after_sigint_under_torchrun_continues_exactly(tmp_path, corpus_dir):
     """With dropout (each rank draws its own random numbers): stopped by Ctrl-C in epoch 2, then resumed
     by torchrun, the run writes the records of one never stopped."""
@@ -157,6 +158,7 @@ def test_resume_after_sigint_under_torchrun_continues_exactly(tmp_path, corpus_d
     assert strip(records(tmp_path)) == strip(records(tmp_path / 'whole'))
 
 
+@pytest.mark.slow
 def test_a_resume_file_continues_only_with_as_many_processes(tmp_path, corpus_dir, call_script):
     assert torchrun('main.py', '--data', corpus_dir, *map(str, SMALL), '--epochs', '1', cwd=tmp_path).returncode == 0
     proc = call_script('main.py', '--data', corpus_dir, *SMALL, '--epochs', 2, '--resume', 'model.pt.resume',

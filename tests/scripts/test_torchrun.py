@@ -8,6 +8,9 @@ import pytest
 
 from conftest import SMALL, describe, losses, records, start_torchrun, torchrun
 
+# torchrun starts real processes that talk over loopback: minutes, and timing-sensitive on a busy machine.
+pytestmark = pytest.mark.slow
+
 # dropout 0: the ranks draw no random numbers, so 2 ranks must give one process's losses.
 EXACT = [*map(str, SMALL), '--dropout', '0', '--epochs', '1']
 
