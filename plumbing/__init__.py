@@ -14,6 +14,6 @@
     cpu_fp16_matmul, chunked_cross_entropy   CPU speed fixes for fp16 products and low-precision logits
     onnx_export    --onnx-export
 
-The package imports one lesson file, model.py (which imports only torch): to rebuild a model
-from a checkpoint and to check the model's flags. Nothing here imports the other lesson files.
+The package imports one lesson file, model.py (which imports only torch and rnn_autocast here),
+to rebuild models from checkpoints and to check the model's flags; no other lesson file.
 """

@@ -478,3 +478,14 @@ def run_real(script, args, cwd, noisy_env, noisy):
     proc = run_script(script, *args, cwd=cwd, env=noisy_env if noisy else ENV)
     assert (STARTUP_NOISE in proc.stderr) == noisy, describe(proc)  # the noise is there, or not, as asked
     return proc
+
+
+def same(a, b):
+    """Equal nested dicts, lists and tuples of tensors and plain values (tensors bit for bit)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b

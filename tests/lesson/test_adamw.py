@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import main
 import main_fp16_optimizer
 import recipes
-from conftest import ADAMW_CLIP, ADAMW_LR, BSZ, NTOKEN, batch, tiny_model
+from conftest import ADAMW_CLIP, ADAMW_LR, BSZ, NTOKEN, batch, same, tiny_model
 
 AUTOCAST = {'fp32': None, 'amp': torch.float16, 'bf16': torch.bfloat16}
 
@@ -51,17 +51,6 @@ def fp32_weights(name, model, recipe):
 def adamw_state(optimizer):
     """A copy of the optimizer's per-parameter state (step, exp_avg, exp_avg_sq)."""
     return copy.deepcopy(optimizer.state_dict()['state'])
-
-
-def same(a, b):
-    """Equal nested dicts, lists and tuples of tensors and plain values (tensors bit for bit)."""
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    return a == b
 
 
 @pytest.mark.parametrize('name', list(ADAMW_RECIPES))

@@ -12,8 +12,8 @@ import torch
 import training
 from benchmarks import gpu_check
 from conftest import (ADAMW_FLAGS, REPO, RESUME_CONFIGS, RESUME_RECIPES, SMALL, SPLITS, TINY_RUN, TRANSFORMER,
-                      assert_unchanged, describe, end_line, error_line, header, progress_by_epoch, records, snapshot,
-                      start_torchrun, torchrun)
+                      assert_unchanged, describe, end_line, error_line, header, progress_by_epoch, records, same,
+                      snapshot, start_torchrun, torchrun)
 from plumbing import checkpoint, signals
 
 TIMINGS = {'elapsed', 'ms_per_batch', 'tokens_per_s', 'epoch_seconds'}  # differ from run to run
@@ -26,17 +26,6 @@ def weights_equal(a, b):
 def without_timings(recs):
     """The records but the run records, timings left out: what a resumed run must repeat exactly."""
     return [{k: v for k, v in r.items() if k not in TIMINGS} for r in recs if r['kind'] != 'run']
-
-
-def same(a, b):
-    """Equal nested dicts, lists and tuples of tensors and plain values (tensors bit for bit)."""
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    return a == b
 
 
 def run_lines(out):
